@@ -253,11 +253,11 @@ def trpo_step(
     accepted, theta_old is returned unchanged (no step).
 
     Returns:
-      ``(new_params, metrics)``. Metrics (float32 scalars): ``cg_iterations``, ``cg_residual``, ``gradient_norm``,
-      ``quadratic_form`` (s^T A s), ``step_scale`` (beta), ``expected_improvement`` (g^T (theta_new -
-      theta_old), 0 without a step), ``actual_improvement`` (L_hat(theta_new) - L_hat(theta_old)), ``kl``
-      (mean KL at theta_new), ``line_search_steps`` (candidates evaluated), ``step_fraction`` (xi^k of the
-      accepted candidate, 0 if none) and ``step_accepted`` (1.0 or 0.0).
+      ``(new_params, metrics)``. Metrics (float32 scalars): ``cg_iterations``, ``cg_residual``,
+      ``gradient_norm``, ``quadratic_form`` (s^T A s), ``step_scale`` (beta), ``expected_improvement``
+      (g^T (theta_new - theta_old), 0 without a step), ``actual_improvement`` (L_hat(theta_new) -
+      L_hat(theta_old)), ``kl`` (mean KL at theta_new), ``line_search_steps`` (candidates evaluated),
+      ``step_fraction`` (xi^k of the accepted candidate, 0 if none) and ``step_accepted`` (1.0 or 0.0).
     """
     full_step, surrogate_old, metrics = natural_gradient_direction(surrogate_fn, kl_fn, params, config)
     search = _sequential_line_search if config.line_search == "sequential" else _parallel_line_search

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from envs import tabular as tabular_envs
+from polygrad import tabular
 from polygrad import trust_region as tr
 
 OBS_DIM, HIDDEN, NUM_ACTIONS, ACTION_DIM = 3, 5, 4, 2
@@ -200,7 +202,7 @@ def random_policy_batch(key, batch=32):
 
 
 def run_steps(step_fn, config, num_batches, seed):
-    """vmap one step over many random batches; return old/new surrogate and KL, new and old params, metrics."""
+    """vmap a step over random batches: old and new surrogate, new KL, new and old params, metrics."""
 
     def one(key):
         params, surrogate_fn, kl_fn = random_policy_batch(key)
@@ -305,3 +307,40 @@ def test_trust_region_config_rejects_bad_values():
                 dict(max_backtracks=0), dict(line_search="random"), dict(cg_residual_tol=-1.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tr.TrustRegionConfig(**bad)
+
+
+# --- the natural gradient of a tabular softmax policy, against polygrad.tabular ---------------------------
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+def test_npg_direction_on_tabular_softmax_is_the_exact_natural_gradient(damping):
+    """Exact surrogate (eq. 65 without its constant) and d_pi-weighted KL (eq. 67) of a random finite MDP:
+    g is the exact policy gradient, A the exact Fisher matrix, so s = A^+ g is Kakade's natural gradient."""
+    num_states, num_actions = 4, 3
+    mdp = tabular_envs.random_mdp(jax.random.PRNGKey(13), num_states, num_actions, gamma=0.9)
+    logits = 0.5 * jax.random.normal(jax.random.PRNGKey(14), (num_states, num_actions))
+    pi_old = tabular.softmax_policy(logits)
+    occupancy = tabular.state_occupancy(mdp, pi_old)
+    advantages = tabular.advantages(mdp, pi_old)
+
+    def surrogate_fn(theta):
+        return jnp.sum(occupancy[:, None] * tabular.softmax_policy(theta) * advantages) / (1.0 - mdp.gamma)
+
+    def kl_fn(theta):
+        return jnp.sum(occupancy * log_softmax_kl(logits, theta))
+
+    np.testing.assert_allclose(
+        jax.grad(surrogate_fn)(logits), tabular.softmax_policy_gradient(mdp, logits), rtol=1e-4, atol=1e-6
+    )
+    config = tr.TrustRegionConfig(max_kl=0.01, cg_iterations=num_states * num_actions, cg_residual_tol=0.0,
+                                  damping=damping)
+    new_logits, metrics = jax.jit(tr.natural_policy_gradient_step, static_argnums=(0, 1, 3))(
+        surrogate_fn, kl_fn, logits, config
+    )
+    direction = (new_logits - logits) / metrics["step_scale"]
+    expected = tabular.softmax_natural_gradient(mdp, logits, damping=damping)
+    np.testing.assert_allclose(direction, expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
+    # beta of eq. (74) with the exact direction and the exact (damped) Fisher matrix.
+    fisher = tabular.softmax_fisher_matrix(mdp, logits) + damping * jnp.eye(num_states * num_actions)
+    exact_scale = np.sqrt(2 * config.max_kl / (expected.reshape(-1) @ fisher @ expected.reshape(-1)))
+    np.testing.assert_allclose(metrics["step_scale"], exact_scale, rtol=2e-3)
