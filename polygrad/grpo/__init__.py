@@ -10,10 +10,12 @@ punishment, truncation masks, reward combination (`shaping.py`).
 """
 
 from polygrad.grpo.loss import (
+    ADVANTAGES,
     METRIC_NAMES,
     LossConfig,
     batch_normaliser,
     clipped_value_loss,
+    group_advantages,
     grpo_loss,
     loss_terms,
 )
@@ -47,6 +49,7 @@ from polygrad.grpo.shaping import (
 )
 
 __all__ = [
+    "ADVANTAGES",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "METRIC_NAMES",
@@ -70,6 +73,7 @@ __all__ = [
     "clipped_value_loss",
     "combine_rewards",
     "fill_batch",
+    "group_advantages",
     "grpo_loss",
     "groups_with_signal",
     "kl_k3_value_k2_gradient",

@@ -22,6 +22,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from polygrad import advantages as advantages_lib
 from polygrad.grpo import parts
 from polygrad.importance import DEFAULT_LOG_RATIO_CLIP
 
@@ -40,6 +41,17 @@ METRIC_NAMES = (
     "value_loss",
     "value_clip_frac",
 )
+
+
+# Group-advantage estimators a preset can name (`polygrad.advantages`), rewards [P, G] -> [P, G];
+# "token" means per-token advantages computed elsewhere (GAE from a token critic).
+ADVANTAGES = {
+    "group_normalized": advantages_lib.group_normalized_advantages,
+    "group_centered": advantages_lib.group_centered_advantages,
+    "batch_normalized": advantages_lib.batch_normalized_advantages,
+    "leave_one_out": advantages_lib.leave_one_out_advantages,
+    "token": None,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +100,22 @@ class LossConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.value_clip is not None and self.value_clip <= 0:
             raise ValueError(f"value_clip must be > 0 or None, got {self.value_clip}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"unknown advantage {self.advantage!r}; choose from {sorted(ADVANTAGES)}")
         if self.log_ratio_clip <= 0:
             raise ValueError(f"log_ratio_clip must be > 0, got {self.log_ratio_clip}")
+
+
+def group_advantages(config: LossConfig, rewards: jax.Array) -> jax.Array:
+    """The preset's group advantages for rewards `[P, G]`, flattened to `[P * G]` (prompt-major rows).
+
+    Uses each estimator's defaults (`polygrad.advantages`); call the estimator directly for other
+    options. Raises ValueError for a config whose advantages are per token ("token").
+    """
+    estimator = ADVANTAGES[config.advantage]
+    if estimator is None:
+        raise ValueError("this config uses per-token advantages (e.g. GAE); compute them with a critic")
+    return estimator(rewards).reshape(-1)
 
 
 def batch_normaliser(config: LossConfig, mask: jax.Array) -> jax.Array:

@@ -192,7 +192,7 @@ class SoftGate:
         tau = jnp.where(advantages > 0, self.tau_pos, self.tau_neg)
         s = jax.nn.sigmoid(tau * (ratio - 1.0))
         objective = (4.0 / tau) * s * advantages
-        gate = 4.0 * s * (1.0 - s)
+        gate = 4.0 * s * jax.nn.sigmoid(-tau * (ratio - 1.0))  # 4 s (1 - s) without cancellation
         no = _no_clip(ratio)
         return GateOut(objective, gate, no, no, no)
 
