@@ -240,7 +240,8 @@ def loss_terms(
             raise ValueError(f"value_coef={config.value_coef} > 0 needs values, values_old and returns")
         chex.assert_equal_shape([values, values_old, returns, logp_new])
         value_loss, value_clipped = clipped_value_loss(
-            clean(values), clean(values_old), clean(returns), config.value_clip
+            clean(values), clean(jax.lax.stop_gradient(values_old)), clean(jax.lax.stop_gradient(returns)),
+            config.value_clip,
         )
         per_token = per_token + config.value_coef * value_loss
         value_mean = jnp.sum(clean(value_loss)) / token_count

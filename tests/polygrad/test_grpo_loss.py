@@ -208,10 +208,48 @@ def reference_loss(name, b):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_presets_match_trl_and_verl_formulas(name, seed):
-    b = random_batch(seed, spread=0.3)
-    b["mask"][:, -1] = 1.0 if name == "dr_grpo" else b["mask"][:, -1]  # TRL pads to max length
+    b = random_batch(seed, spread=0.3)  # no empty rows: TRL divides sequence means by all B rows
     loss, _ = call(grpo.make_loss(name), b)
     np.testing.assert_allclose(loss, reference_loss(name, b), rtol=2e-5, atol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoSidedClip:
+    """A new gate in a few lines: INTELLECT-2's two-sided clip (TRL's `delta`: r held at delta if A < 0)."""
+
+    eps: float = 0.2
+    delta: float = 4.0
+
+    def __call__(self, log_ratio, advantages, logp_new):
+        out = grpo.HardClip(self.eps, self.eps)(log_ratio, advantages, logp_new)
+        capped = (advantages < 0) & (jnp.exp(log_ratio) > self.delta)
+        objective = jnp.where(capped, self.delta * advantages, out.objective)
+        return out._replace(objective=objective, gate=jnp.where(capped, 0.0, out.gate), dual_clipped=capped)
+
+
+def test_a_new_gate_plugs_into_a_preset():
+    grpo.register_preset("test_two_sided", dataclasses.replace(grpo.PRESETS["dapo"], gate=TwoSidedClip()))
+    try:
+        b = random_batch(14, spread=2.0)
+        loss, metrics = call(grpo.make_loss("test_two_sided"), b)
+    finally:
+        del grpo.PRESETS["test_two_sided"]
+    m, A = b["mask"], b["adv"][:, None]
+    coef_1 = np.exp(b["logp_new"].astype(np.float64) - b["logp_old"])
+    coef_2 = np.clip(coef_1, 0.8, 1.2)
+    per_token = -np.minimum(np.minimum(coef_1, 4.0) * A, coef_2 * A)  # TRL with args.delta = 4
+    np.testing.assert_allclose(loss, (per_token * m).sum() / m.sum(), rtol=1e-5)
+    assert float(metrics["dual_clip_frac"]) > 0
+
+
+def test_vmap_over_independent_batches():
+    batches = [random_batch(seed) for seed in (15, 16)]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    loss_fn = grpo.make_loss("grpo")
+    losses, metrics = jax.vmap(lambda b: call(loss_fn, b))(stacked)
+    for i, b in enumerate(batches):
+        np.testing.assert_allclose(losses[i], call(loss_fn, b)[0], rtol=1e-6)
+    assert metrics["clip_frac_high"].shape == (2,)
 
 
 def test_k3_value_k2_gradient_matches_verl_straight_through():
