@@ -246,26 +246,29 @@ def contextual_bandit(rewards, context_distribution) -> FiniteMDP:
     return make_mdp(P, rewards, context_distribution, 0.0)
 
 
+def _uniform_simplex(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Points uniform on the simplex over the last axis (Dirichlet(1), as normalised exponentials)."""
+    draws = jax.random.exponential(key, shape, jnp.float32)
+    return draws / jnp.sum(draws, axis=-1, keepdims=True)
+
+
 def random_contextual_bandit(key: jax.Array, num_contexts: int, num_actions: int) -> FiniteMDP:
     """A contextual bandit with rewards uniform in [0, 1] and Dirichlet(1) contexts (jittable, vmappable)."""
     reward_key, context_key = jax.random.split(key)
     rewards = jax.random.uniform(reward_key, (num_contexts, num_actions), jnp.float32)
-    contexts = jax.random.dirichlet(context_key, jnp.ones(num_contexts, jnp.float32))
+    contexts = _uniform_simplex(context_key, (num_contexts,))
     P = jnp.broadcast_to(contexts, (num_contexts, num_actions, num_contexts))
     return FiniteMDP(P=P, r=rewards, rho0=contexts, gamma=jnp.float32(0.0))
 
 
-def random_mdp(
-    key: jax.Array, num_states: int, num_actions: int, gamma: float = 0.9, concentration: float = 1.0
-) -> FiniteMDP:
-    """A random MDP: rows of P and rho0 from Dirichlet(concentration), rewards uniform in [0, 1].
+def random_mdp(key: jax.Array, num_states: int, num_actions: int, gamma: float = 0.9) -> FiniteMDP:
+    """A random MDP: rows of P and rho0 uniform on the simplex (Dirichlet(1)), rewards uniform in [0, 1].
 
     Jittable and vmappable over ``key`` (no validation on traced values; valid by construction). Every
     state has positive initial probability almost surely, so every state is visited.
     """
     p_key, r_key, rho_key = jax.random.split(key, 3)
-    alpha = jnp.full((num_states,), concentration, jnp.float32)
-    P = jax.random.dirichlet(p_key, alpha, (num_states, num_actions))
+    P = _uniform_simplex(p_key, (num_states, num_actions, num_states))
     r = jax.random.uniform(r_key, (num_states, num_actions), jnp.float32)
-    rho0 = jax.random.dirichlet(rho_key, alpha)
+    rho0 = _uniform_simplex(rho_key, (num_states,))
     return FiniteMDP(P=P, r=r, rho0=rho0, gamma=jnp.asarray(gamma, jnp.float32))
