@@ -1,0 +1,143 @@
+"""Autoregressive sampling from a causal language model, and teacher-forced log-probabilities.
+
+Generation is the episodic MDP of 003 section 5.1: the state is the prompt and the prefix, the action the
+next token, drawn from pi_theta(. | x, y_<t) (eq. 86) until EOS or ``max_new_tokens``. Batches are
+``[B, T]``; the response mask is 1 on every generated token up to and including the first EOS, 0 after
+it (those positions hold PAD). ``sample`` runs under ``lax.scan`` with a key/value cache (one model call
+per token on a ``[B, 1]`` slice), or, with ``use_cache=False``, recomputes the whole prefix at every step
+(the slow reference the benchmark compares against). Both return the per-token log-probabilities that the
+policy-gradient losses need as ``logp_old``; ``sequence_log_probs`` recomputes them teacher-forced, which
+is what every update does, and the two agree (tests/polygrad/test_sampling.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from polygrad.transformer import TransformerLM
+
+
+class Completion(NamedTuple):
+    """A batch of sampled responses: ``tokens [B, L]`` int32 (PAD after EOS), per-token ``log_probs``
+    and ``entropies [B, L]`` of the distribution sampled from (0 where masked), ``mask [B, L]`` float32,
+    ``lengths [B]`` int32 (tokens up to and including EOS) and ``truncated [B]`` (no EOS within L)."""
+
+    tokens: jax.Array
+    log_probs: jax.Array
+    entropies: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    truncated: jax.Array
+
+
+def response_mask(responses: jax.Array, eos_id: int) -> jax.Array:
+    """``[B, L]`` float32 mask: 1 up to and including the first ``eos_id`` of each row, then 0."""
+    chex.assert_rank(responses, 2)
+    is_eos = (responses == eos_id).astype(jnp.int32)
+    eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
+    return (eos_before == 0).astype(jnp.float32)
+
+
+def _token_statistics(logits, tokens):
+    """Log-probabilities of ``tokens`` and entropies under ``softmax(logits)`` (last axis)."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+    return chosen, entropy
+
+
+def _scaled(logits, temperature: float):
+    return logits if temperature == 0.0 else logits / temperature
+
+
+def sample(model: TransformerLM, params, key: jax.Array, prompts: jax.Array, max_new_tokens: int,
+           temperature: float = 1.0, eos_id: int = 3, pad_id: int = 0, use_cache: bool = True) -> Completion:
+    """Sample ``max_new_tokens`` tokens after each prompt ``[B, P]``, stopping each row at its first EOS.
+
+    ``temperature`` (a Python float) divides the logits; 0 means greedy decoding. The log-probabilities and
+    entropies are those of the distribution sampled from (``softmax(logits / temperature)``; the unscaled
+    policy when greedy). ``model.max_len`` must be at least ``P + max_new_tokens``.
+    """
+    chex.assert_rank(prompts, 2)
+    batch, prompt_len = prompts.shape
+    if prompt_len + max_new_tokens > model.max_len:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_len {model.max_len}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+    def choose(step_key, logits):
+        logits = _scaled(logits, temperature)
+        if temperature == 0.0:
+            token = jnp.argmax(logits, axis=-1)
+        else:
+            token = jax.random.categorical(step_key, logits, axis=-1)
+        log_prob, entropy = _token_statistics(logits, token)
+        return token.astype(jnp.int32), log_prob, entropy
+
+    def record(done, token, log_prob, entropy):
+        active = ~done
+        token = jnp.where(active, token, pad_id)
+        out = (token, jnp.where(active, log_prob, 0.0), jnp.where(active, entropy, 0.0),
+               active.astype(jnp.float32))
+        return done | (token == eos_id), out
+
+    keys = jax.random.split(key, max_new_tokens)
+    done0 = jnp.zeros((batch,), bool)
+    if use_cache:
+        prefill = model.apply(params, prompts, cache=model.init_cache(batch), start=0)
+
+        def step(carry, inputs):
+            cache, logits, done = carry
+            step_key, t = inputs
+            done, out = record(done, *choose(step_key, logits))
+            nxt = model.apply(params, out[0][:, None], cache=cache, start=prompt_len + t)
+            return (nxt.cache, nxt.logits[:, -1], done), out
+
+        carry0 = (prefill.cache, prefill.logits[:, -1], done0)
+        _, outs = jax.lax.scan(step, carry0, (keys, jnp.arange(max_new_tokens)))
+    else:
+        buffer0 = jnp.concatenate([prompts, jnp.full((batch, max_new_tokens), pad_id, prompts.dtype)], axis=1)
+
+        def step(carry, inputs):
+            buffer, done = carry
+            step_key, t = inputs
+            logits = model.apply(params, buffer).logits
+            logits = jax.lax.dynamic_index_in_dim(logits, prompt_len + t - 1, axis=1, keepdims=False)
+            done, out = record(done, *choose(step_key, logits))
+            buffer = jax.lax.dynamic_update_slice(buffer, out[0][:, None], (0, prompt_len + t))
+            return (buffer, done), out
+
+        (_, done), outs = jax.lax.scan(step, (buffer0, done0), (keys, jnp.arange(max_new_tokens)))
+    tokens, log_probs, entropies, mask = (jnp.swapaxes(x, 0, 1) for x in outs)
+    lengths = jnp.sum(mask, axis=1).astype(jnp.int32)
+    truncated = ~jnp.any(tokens == eos_id, axis=1)
+    return Completion(tokens, log_probs, entropies, mask, lengths, truncated)
+
+
+class TeacherForced(NamedTuple):
+    """Per response token ``[B, L]``: log-probability, entropy of the policy at that state, and the value
+    head's V(s_t) of the state before the token (zeros without a value head)."""
+
+    log_probs: jax.Array
+    entropies: jax.Array
+    values: jax.Array
+
+
+def sequence_log_probs(model: TransformerLM, params, prompts: jax.Array, responses: jax.Array,
+                       temperature: float = 1.0) -> TeacherForced:
+    """Teacher-forced statistics of ``responses [B, L]`` after ``prompts [B, P]`` in one forward pass.
+
+    The distribution at response position j is read from the logits at column ``P - 1 + j``.
+    """
+    chex.assert_rank([prompts, responses], 2)
+    chex.assert_equal_shape_prefix([prompts, responses], 1)
+    prompt_len, length = prompts.shape[1], responses.shape[1]
+    out = model.apply(params, jnp.concatenate([prompts, responses], axis=1))
+    logits = _scaled(out.logits[:, prompt_len - 1: prompt_len - 1 + length], temperature)
+    log_probs, entropies = _token_statistics(logits, responses)
+    return TeacherForced(log_probs, entropies, out.values[:, prompt_len - 1: prompt_len - 1 + length])
