@@ -63,7 +63,7 @@ class LossConfig:
       gate: a gate part (`parts.HardClip(...)`, `parts.SoftGate(...)`, ...).
       aggregation: an aggregation part or its name (see `parts.AGGREGATIONS`).
       kl_estimator: "k1", "k2", "k3" or "k3_value_k2_grad" (`parts.KL_ESTIMATORS`).
-      kl_coef: beta of the KL-to-reference penalty; 0 disables it (logp_ref is then ignored).
+      kl_coef: beta of the KL-to-reference penalty; with 0, a given logp_ref only feeds the metric.
       entropy_coef: coefficient of the entropy bonus (needs per-token `entropy`).
       value_coef: coefficient of the token critic's clipped value loss (needs `values` etc.).
       value_clip: clip range of the value loss, or None for the unclipped squared error.
@@ -183,7 +183,7 @@ def loss_terms(
       group_size: if given, `zero_adv_frac` counts groups of consecutive rows instead of responses.
 
     Returns:
-      `(numerator, normaliser, metrics)`; the loss is numerator / max-guarded normaliser. Masked tokens
+      `(numerator, normaliser, metrics)`; the loss is numerator / normaliser (0 counts as 1). Masked tokens
       never affect any output (their inputs are replaced by zeros before use) and every output is finite
       for all-masked rows, all-equal groups and extreme ratios. Metrics (scalars, stop-gradient, means
       over active tokens of this batch): clip fractions low / high / dual, ratio mean / min / max (of the
@@ -217,16 +217,14 @@ def loss_terms(
     zero = jnp.zeros((), jnp.float32)
     kl_ref_mean, entropy_mean, value_mean, value_clip_frac = zero, zero, zero, zero
     token_count = jnp.maximum(jnp.sum(mask), 1.0)
-    if config.kl_coef > 0:
-        if logp_ref is None:
-            raise ValueError(f"kl_coef={config.kl_coef} > 0 needs logp_ref")
+    if logp_ref is not None:
         chex.assert_equal_shape([logp_ref, logp_new])
         kl = parts.KL_ESTIMATORS[config.kl_estimator](logp_new, clean(jax.lax.stop_gradient(logp_ref)))
-        per_token = per_token + config.kl_coef * kl
         kl_ref_mean = jnp.sum(clean(kl)) / token_count
-    elif logp_ref is not None:
-        kl = parts.KL_ESTIMATORS[config.kl_estimator](logp_new, clean(logp_ref))
-        kl_ref_mean = jnp.sum(clean(kl)) / token_count
+        if config.kl_coef > 0:
+            per_token = per_token + config.kl_coef * kl
+    elif config.kl_coef > 0:
+        raise ValueError(f"kl_coef={config.kl_coef} > 0 needs logp_ref")
     if entropy is not None:
         chex.assert_equal_shape([entropy, logp_new])
         entropy = clean(entropy)

@@ -49,14 +49,16 @@ def test_overlong_penalty_piecewise():
 
 
 def test_mask_truncated_removes_rows_from_the_loss():
-    mask = jnp.ones((3, 4))
-    masked = grpo.mask_truncated(mask, jnp.array([False, True, False]))
-    np.testing.assert_array_equal(masked, [[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
+    mask = jnp.ones((6, 5))
+    truncated = jnp.array([False, True, False, False, True, False])
+    masked = grpo.mask_truncated(mask, truncated)
+    np.testing.assert_array_equal(masked.sum(-1), [5, 0, 5, 5, 0, 5])
     rng = np.random.default_rng(0)
-    logp_new, logp_old = rng.normal(size=(2, 3, 4)).astype(np.float32) * 0.1 - 1
-    adv = np.array([1.0, -2.0, 0.5], np.float32)
-    loss_fn = grpo.make_loss("dapo")
-    kept = loss_fn(logp_new[[0, 2]], logp_old[[0, 2]], adv[[0, 2]], mask[jnp.array([0, 2])])[0]
+    logp_new, logp_old = rng.normal(size=(2, 6, 5)).astype(np.float32) * 0.1 - 1
+    adv = rng.normal(size=6).astype(np.float32)
+    loss_fn = jax.jit(grpo.make_loss("dapo"))
+    rows = np.flatnonzero(~np.asarray(truncated))
+    kept = loss_fn(logp_new[rows], logp_old[rows], adv[rows], mask[rows])[0]
     np.testing.assert_allclose(loss_fn(logp_new, logp_old, adv, masked)[0], kept, rtol=1e-6)
 
 
