@@ -261,6 +261,8 @@ class NoGate:
 #
 # Sequence means count the responses with at least one active token (as verl does), so an all-masked row
 # changes neither the loss nor the gradient; TRL divides by all B rows. The two agree when no row is empty.
+# Older verl releases computed seq-mean-token-sum-norm as sum / T without dividing by the number of
+# responses; current verl, TRL's dr_grpo and 003 eq. 100 all include the 1 / G, as here.
 
 
 def _count(mask: jax.Array) -> jax.Array:
