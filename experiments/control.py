@@ -31,7 +31,7 @@ from flax import struct  # noqa: E402
 
 from envs import control as control_envs  # noqa: E402
 from experiments import runs  # noqa: E402
-from polygrad import networks, rollout, updates  # noqa: E402
+from polygrad import networks, rollout, trpo, trust_region, updates  # noqa: E402
 
 # --- configs --------------------------------------------------------------------------------------
 
@@ -194,6 +194,60 @@ class ReinforceConfig(ControlConfig):
     normalize_advantages: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class NPGConfig(ControlConfig):
+    """Natural policy gradient (003 eqs. 71-74): CG on Fisher-vector products, step scaled to the KL radius
+    max_kl, no line search; the critic is fitted with Adam (learning_rate) between policy steps."""
+
+    num_envs: int = 4
+    num_steps: int = 512
+    learning_rate: float = 1e-3
+    """Adam learning rate of the value fit."""
+    anneal_lr: bool = False
+    gae_lambda: float = 0.97
+    max_kl: float = 0.01
+    """trust-region radius delta on the batch-mean KL(pi_old || pi)."""
+    cg_iterations: int = 10
+    cg_damping: float = 0.1
+    value_epochs: int = 5
+    value_minibatches: int = 4
+    normalize_advantages: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.shared_torso:
+            raise ValueError("bad config: trust-region methods need separate actor and critic torsos "
+                             "(the value fit would move a shared torso, and with it the policy)")
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"bad config: gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        if self.batch_size % self.value_minibatches:
+            raise ValueError(f"bad config: value_minibatches={self.value_minibatches} does not divide the "
+                             f"batch num_envs * num_steps = {self.batch_size}")
+        self.trust_region_config()  # validates max_kl, cg_iterations, cg_damping and the line search
+
+    def trust_region_config(self) -> trust_region.TrustRegionConfig:
+        return trust_region.TrustRegionConfig(
+            max_kl=self.max_kl, cg_iterations=self.cg_iterations, damping=self.cg_damping
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TRPOConfig(NPGConfig):
+    """TRPO (003 section 4.6.4): the NPG step, then a backtracking line search accepting the first step
+    with a non-negative surrogate improvement and mean KL <= max_kl."""
+
+    backtrack_factor: float = 0.8
+    max_backtracks: int = 10
+    line_search: str = "sequential"
+    """sequential (a lax.while_loop, stops at the first accepted step) or parallel (all steps, vmapped)."""
+
+    def trust_region_config(self) -> trust_region.TrustRegionConfig:
+        return dataclasses.replace(
+            super().trust_region_config(), backtrack_factor=self.backtrack_factor,
+            max_backtracks=self.max_backtracks, line_search=self.line_search,
+        )
+
+
 # --- learners (one builder per algorithm) ---------------------------------------------------------
 
 
@@ -233,6 +287,15 @@ def build_reinforce(config: ReinforceConfig, apply_fn, num_updates: int) -> upda
     )
 
 
+def build_trust_region(config: NPGConfig, apply_fn, num_updates: int) -> updates.Learner:
+    return trpo.make_trust_region_learner(
+        apply_fn, _optimizer(config, num_updates * config.value_epochs * config.value_minibatches),
+        config.trust_region_config(), line_search=isinstance(config, TRPOConfig), gamma=config.gamma,
+        gae_lambda=config.gae_lambda, value_epochs=config.value_epochs,
+        value_minibatches=config.value_minibatches, normalize_advantages=config.normalize_advantages,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
     """A registry entry: config class, learner builder, and per-env default overrides."""
@@ -252,6 +315,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "ppo_kl": Algorithm(PPOKLConfig, build_ppo, {"Pendulum-v1": _CONTINUOUS_PPO}),
     "a2c": Algorithm(A2CConfig, build_a2c),
     "reinforce": Algorithm(ReinforceConfig, build_reinforce),
+    "trpo": Algorithm(TRPOConfig, build_trust_region),
+    "npg": Algorithm(NPGConfig, build_trust_region),
 }
 
 

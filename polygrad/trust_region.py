@@ -247,10 +247,10 @@ def trpo_step(
 ) -> tuple[Params, Metrics]:
     """One TRPO update (003 section 4.6.4, steps 3-6) on a parameter pytree.
 
-    Computes the scaled natural-gradient step beta s (eqs. 71-74), then tries theta_k = theta_old +
-    xi^k beta s for k = 0, ..., max_backtracks - 1 and accepts the first candidate with
-    L_hat(theta_k) >= L_hat(theta_old) and KL_hat(theta_old, theta_k) <= delta (both finite). If none is
-    accepted, theta_old is returned unchanged (no step).
+    ``natural_gradient_direction`` (the scaled step beta s of eqs. 71-74), then
+    ``backtracking_line_search``: the first theta_k = theta_old + xi^k beta s, k = 0, ..., max_backtracks - 1,
+    with L_hat(theta_k) >= L_hat(theta_old) and KL_hat(theta_old, theta_k) <= delta (both finite) is
+    accepted; if none is, theta_old is returned unchanged (no step).
 
     Returns:
       ``(new_params, metrics)``. Metrics (float32 scalars): ``cg_iterations``, ``cg_residual``,
@@ -260,20 +260,46 @@ def trpo_step(
       ``step_fraction`` (xi^k of the accepted candidate, 0 if none) and ``step_accepted`` (1.0 or 0.0).
     """
     full_step, surrogate_old, metrics = natural_gradient_direction(surrogate_fn, kl_fn, params, config)
+    new_params, search_metrics = backtracking_line_search(
+        surrogate_fn, kl_fn, params, full_step, surrogate_old, config
+    )
+    metrics.update(search_metrics)
+    metrics["expected_improvement"] = search_metrics["step_fraction"] * metrics["expected_improvement"]
+    return new_params, _as_float32(metrics)
+
+
+def backtracking_line_search(
+    surrogate_fn: Callable[[Params], jax.Array],
+    kl_fn: Callable[[Params], jax.Array],
+    params: Params,
+    full_step: Params,
+    surrogate_old: jax.Array,
+    config: TrustRegionConfig,
+) -> tuple[Params, Metrics]:
+    """TRPO's backtracking line search along ``full_step`` (003 section 4.6.4, step 5).
+
+    Tries theta_k = params + xi^k full_step for k = 0, ..., max_backtracks - 1 (xi = backtrack_factor)
+    and returns the first with L_hat(theta_k) - surrogate_old >= 0 and KL_hat(theta_old, theta_k) <=
+    max_kl (both finite), or ``params`` unchanged if there is none. ``config.line_search`` chooses a
+    ``lax.while_loop`` that stops at the first accepted candidate or one ``vmap`` over all of them.
+
+    Returns:
+      ``(new_params, metrics)``; metrics: ``actual_improvement`` and ``kl`` of the accepted candidate (0 if
+      none), ``line_search_steps`` (candidates evaluated: k + 1, or max_backtracks if none was accepted),
+      ``step_fraction`` (xi^k, or 0) and ``step_accepted`` (1.0 or 0.0), all float32.
+    """
     search = _sequential_line_search if config.line_search == "sequential" else _parallel_line_search
     accepted, fraction, steps, improvement, kl = search(surrogate_fn, kl_fn, params, full_step,
                                                         surrogate_old, config)
     fraction = jnp.where(accepted, fraction, 0.0)
-    new_params = otu.tree_add_scale(params, fraction, full_step)
-    metrics.update(
-        expected_improvement=fraction * metrics["expected_improvement"],
-        actual_improvement=jnp.where(accepted, improvement, 0.0),
-        kl=jnp.where(accepted, kl, 0.0),
-        line_search_steps=steps,
-        step_fraction=fraction,
-        step_accepted=accepted.astype(jnp.float32),
-    )
-    return new_params, _as_float32(metrics)
+    metrics = {
+        "actual_improvement": jnp.where(accepted, improvement, 0.0),
+        "kl": jnp.where(accepted, kl, 0.0),
+        "line_search_steps": steps,
+        "step_fraction": fraction,
+        "step_accepted": accepted,
+    }
+    return otu.tree_add_scale(params, fraction, full_step), _as_float32(metrics)
 
 
 def _candidate_test(surrogate_fn, kl_fn, params, full_step, surrogate_old, fraction, max_kl):
