@@ -334,6 +334,22 @@ class TabularEpisodes(NamedTuple):
     rewards: jax.Array
 
 
+def _normalised_cdf(probs: jax.Array) -> jax.Array:
+    """Cumulative sums over the last axis, divided by the total so that the last entry is exactly 1."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    return cdf / cdf[..., -1:]
+
+
+def _sample_from_cdf(key: jax.Array, cdf: jax.Array) -> jax.Array:
+    """One index per row of ``cdf [N, K]`` by inversion: ``#{k : cdf[k] <= u}`` with ``u ~ U[0, 1)``.
+
+    Zero-probability entries are never returned (their cdf equals the previous entry's). One uniform per
+    draw: much cheaper than Gumbel-max sampling, which draws K noises per draw.
+    """
+    u = jax.random.uniform(key, cdf.shape[:-1] + (1,), cdf.dtype)
+    return jnp.sum(cdf <= u, axis=-1).astype(jnp.int32)
+
+
 def sample_episodes(
     key: jax.Array, mdp: MDP, pi: jax.Array, horizon: int, num_episodes: int
 ) -> TabularEpisodes:
@@ -345,17 +361,18 @@ def sample_episodes(
     """
     _check_policy(mdp, pi)
     init_key, scan_key = jax.random.split(key)
-    log_pi, log_P = jnp.log(pi), jnp.log(mdp.P)
-    first_states = jax.random.categorical(init_key, jnp.log(mdp.rho0), shape=(num_episodes,))
+    policy_cdf, transition_cdf = _normalised_cdf(pi), _normalised_cdf(mdp.P)
+    initial_cdf = jnp.broadcast_to(_normalised_cdf(mdp.rho0), (num_episodes,) + mdp.rho0.shape)
+    first_states = _sample_from_cdf(init_key, initial_cdf)
 
     def step(states, step_key):
         action_key, next_key = jax.random.split(step_key)
-        actions = jax.random.categorical(action_key, log_pi[states])
-        next_states = jax.random.categorical(next_key, log_P[states, actions])
+        actions = _sample_from_cdf(action_key, policy_cdf[states])
+        next_states = _sample_from_cdf(next_key, transition_cdf[states, actions])
         return next_states, (states, actions, mdp.r[states, actions])
 
     _, (states, actions, rewards) = jax.lax.scan(step, first_states, jax.random.split(scan_key, horizon))
-    return TabularEpisodes(states.astype(jnp.int32), actions.astype(jnp.int32), rewards)
+    return TabularEpisodes(states, actions, rewards)
 
 
 def softmax_score_gradients(

@@ -79,12 +79,13 @@ def test_distribution_shift_mdp_matches_the_notes():
 
 def test_importance_sampling_chain_has_constant_return():
     gamma = 0.95
+    expected_return = jax.jit(tabular.expected_return)
     for horizon in (1, 3, 7):
         mdp = mdps.importance_sampling_chain(horizon, gamma)
         for p in (0.0, 0.5, 0.9, 1.0):
             pi = mdps.chain_policy(horizon, p)
             mdps.validate_policy(mdp, pi)
-            np.testing.assert_allclose(tabular.expected_return(mdp, pi), gamma**horizon, rtol=1e-6)
+            np.testing.assert_allclose(expected_return(mdp, pi), gamma**horizon, rtol=1e-6)
     # G_0 = gamma^H on every sampled episode (H = 7, with a horizon long enough to reach the end).
     episodes = tabular.sample_episodes(jax.random.key(0), mdp, mdps.chain_policy(7, 0.5), 10, 8)
     returns = jnp.sum(episodes.rewards * gamma ** jnp.arange(10)[:, None], axis=0)
