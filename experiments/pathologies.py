@@ -475,11 +475,8 @@ def run(config: PathologiesConfig, log=print) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    try:
-        config = tyro.cli(PathologiesConfig, args=argv)
-    except ValueError as error:  # a bad config: one clear line, no traceback
-        raise SystemExit(str(error)) from None
-    return run(config)
+    # tyro reports a config that fails validation (a ValueError in __post_init__) and exits with status 2.
+    return run(tyro.cli(PathologiesConfig, args=argv))
 
 
 if __name__ == "__main__":
