@@ -160,16 +160,16 @@ class PPOKLConfig(PPOConfig):
 class A2CConfig(ControlConfig):
     """Synchronous advantage actor-critic: one Adam step per short rollout."""
 
-    num_envs: int = 16
-    num_steps: int = 16
-    learning_rate: float = 1e-3
+    num_envs: int = 8
+    num_steps: int = 8
+    learning_rate: float = 7e-4
     anneal_lr: bool = True
     gae_lambda: float = 1.0
     """GAE lambda of the advantages (ignored when n_step is set)."""
     n_step: int | None = None
     """use n-step returns instead of GAE."""
     value_coef: float = 0.5
-    entropy_coef: float = 0.01
+    entropy_coef: float = 0.0
     normalize_advantages: bool = False
 
     def __post_init__(self):
