@@ -208,6 +208,8 @@ class NPGConfig(ControlConfig):
     max_kl: float = 0.01
     """trust-region radius delta on the batch-mean KL(pi_old || pi)."""
     cg_iterations: int = 10
+    cg_residual_tol: float = 1e-5
+    """CG stops early once the residual norm is at most this."""
     cg_damping: float = 0.1
     value_epochs: int = 5
     value_minibatches: int = 4
@@ -227,7 +229,8 @@ class NPGConfig(ControlConfig):
 
     def trust_region_config(self) -> trust_region.TrustRegionConfig:
         return trust_region.TrustRegionConfig(
-            max_kl=self.max_kl, cg_iterations=self.cg_iterations, damping=self.cg_damping
+            max_kl=self.max_kl, cg_iterations=self.cg_iterations, cg_residual_tol=self.cg_residual_tol,
+            damping=self.cg_damping,
         )
 
 
@@ -310,13 +313,19 @@ _CONTINUOUS_PPO = dict(
     gae_lambda=0.95, entropy_coef=0.0, normalize_observations=True, normalize_rewards=True,
 )
 
+# Pendulum: normalised observations and rewards, short horizon (gamma 0.95), a larger KL radius.
+_CONTINUOUS_TRUST_REGION = dict(
+    num_envs=16, num_steps=128, gamma=0.95, gae_lambda=0.95, normalize_observations=True,
+    normalize_rewards=True, max_kl=0.02, value_epochs=10, value_minibatches=8,
+)
+
 ALGORITHMS: dict[str, Algorithm] = {
     "ppo": Algorithm(PPOConfig, build_ppo, {"Pendulum-v1": _CONTINUOUS_PPO}),
     "ppo_kl": Algorithm(PPOKLConfig, build_ppo, {"Pendulum-v1": _CONTINUOUS_PPO}),
     "a2c": Algorithm(A2CConfig, build_a2c),
     "reinforce": Algorithm(ReinforceConfig, build_reinforce),
-    "trpo": Algorithm(TRPOConfig, build_trust_region),
-    "npg": Algorithm(NPGConfig, build_trust_region),
+    "trpo": Algorithm(TRPOConfig, build_trust_region, {"Pendulum-v1": _CONTINUOUS_TRUST_REGION}),
+    "npg": Algorithm(NPGConfig, build_trust_region, {"Pendulum-v1": _CONTINUOUS_TRUST_REGION}),
 }
 
 

@@ -217,9 +217,9 @@ def natural_policy_gradient_step(
 
     Returns:
       ``(new_params, metrics)`` (float32 scalars) with the metrics of ``natural_gradient_direction`` plus
-      ``actual_improvement``
-      (L_hat(theta_new) - L_hat(theta_old)), ``kl`` (mean KL at theta_new), ``line_search_steps`` (0),
-      ``step_accepted`` (1, or 0 when the step was zeroed because it was not finite) and ``step_fraction``.
+      ``actual_improvement`` (L_hat(theta_new) - L_hat(theta_old)), ``kl`` (mean KL at theta_new),
+      ``line_search_steps`` (0), and ``step_accepted`` and ``step_fraction`` (1, or 0 when there was no
+      step: a zero gradient or a non-finite direction).
     """
     full_step, surrogate_old, metrics = natural_gradient_direction(surrogate_fn, kl_fn, params, config)
     new_params = otu.tree_add(params, full_step)
