@@ -19,6 +19,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -186,8 +187,8 @@ class ReinforceConfig(ControlConfig):
 
     num_envs: int = 8
     num_steps: int = 500
-    learning_rate: float = 1e-3
-    anneal_lr: bool = False
+    learning_rate: float = 1e-2
+    anneal_lr: bool = True
     baseline: bool = True
     value_coef: float = 0.5
     entropy_coef: float = 0.0
@@ -374,6 +375,7 @@ def make_network(config: ControlConfig, env) -> networks.ActorCritic:
     )
 
 
+@functools.lru_cache(maxsize=8)  # the same config reuses its jitted (compiled) chunks
 def make_program(config: ControlConfig) -> runs.Program:
     """One seed's training as `init(key) -> TrainCarry` and `update(carry) -> (carry, metrics)`.
 

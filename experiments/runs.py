@@ -22,6 +22,7 @@ NaN metrics (e.g. a return before any episode finished) are written as null.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -70,6 +71,7 @@ def seed_keys(seed: int, num_seeds: int) -> jax.Array:
     return jax.random.split(jax.random.PRNGKey(seed), num_seeds)
 
 
+@functools.lru_cache(maxsize=8)
 def make_chunk(program: Program, chunk_size: int) -> Callable[[Any, int], tuple[Any, dict[str, jax.Array]]]:
     """A jitted function `(carry [S, ...], n) -> (carry, metrics {name: [S, chunk_size]})` that runs
     `n <= chunk_size` updates of every seed; only the first `n` metric columns are filled.
@@ -91,6 +93,11 @@ def make_chunk(program: Program, chunk_size: int) -> Callable[[Any, int], tuple[
         return jax.lax.fori_loop(0, n, body, (carry, buffer))
 
     return jax.jit(jax.vmap(chunk, in_axes=(0, None)), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(program: Program):
+    return jax.jit(jax.vmap(program.init))
 
 
 def train(program: Program, keys: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
@@ -304,8 +311,7 @@ def run(
         raise ValueError(f"updates_per_chunk must be >= 1, got {updates_per_chunk}")
     prepare_run_dir(run_dir, config)
     start = time.perf_counter()
-    init = jax.jit(jax.vmap(program.init))
-    carry = init(seed_keys(seed, num_seeds))
+    carry = _jitted_init(program)(seed_keys(seed, num_seeds))
     restored = load_checkpoint(run_dir, carry)
     updates_done = 0
     if restored is not None:

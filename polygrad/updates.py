@@ -67,7 +67,7 @@ def _mean_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def _gradient_step(loss_fn, tx, params, opt_state, batch):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return optax.apply_updates(params, updates), opt_state, metrics
 
 
