@@ -5,28 +5,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from envs.tabular import (
-    BAD,
-    S1,
-    contextual_bandit,
-    distribution_shift_example,
-    random_mdp,
-)
+from envs.tabular import BAD, S1, FiniteMDP, contextual_bandit, distribution_shift_example
 from polygrad import tabular
 
 NUM_MDPS = 8
 S, A = 5, 3
 
 
-def random_policy(key, shape=(S, A), temperature=1.0):
-    return jax.nn.softmax(temperature * jax.random.normal(key, shape), axis=-1)
-
-
 def random_problems(seed=0, gamma=0.9):
-    """A batch of NUM_MDPS random MDPs with two random policies each (leading axis NUM_MDPS)."""
-    keys = jax.random.split(jax.random.key(seed), (3, NUM_MDPS))
-    mdps = jax.vmap(lambda k: random_mdp(k, S, A, gamma))(keys[0])
-    return mdps, jax.vmap(random_policy)(keys[1]), jax.vmap(random_policy)(keys[2])
+    """A batch of NUM_MDPS random MDPs (as envs.tabular.random_mdp makes them, but drawn with numpy, which
+    needs no compilation) with two random softmax policies each; leading axis NUM_MDPS."""
+    rng = np.random.default_rng(seed)
+    mdps = FiniteMDP(
+        P=jnp.asarray(rng.dirichlet(np.ones(S), (NUM_MDPS, S, A)), jnp.float32),
+        r=jnp.asarray(rng.uniform(size=(NUM_MDPS, S, A)), jnp.float32),
+        rho0=jnp.asarray(rng.dirichlet(np.ones(S), NUM_MDPS), jnp.float32),
+        gamma=jnp.full((NUM_MDPS,), gamma, jnp.float32),
+    )
+    return mdps, random_policies(rng), random_policies(rng)
+
+
+def random_policies(rng):
+    logits = rng.normal(size=(NUM_MDPS, S, A))
+    return jnp.asarray(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,8 +101,8 @@ def power_series(mdp, pi, steps=400):
 
 def test_values_and_occupancy_match_power_series():
     mdps, pis, _ = random_problems(seed=1)
-    v_solve = jax.vmap(tabular.state_values)(mdps, pis)
-    d_solve = jax.vmap(tabular.state_occupancy)(mdps, pis)
+    v_solve = jax.jit(jax.vmap(tabular.state_values))(mdps, pis)
+    d_solve = jax.jit(jax.vmap(tabular.state_occupancy))(mdps, pis)
     v_series, d_series = jax.jit(jax.vmap(power_series))(mdps, pis)
     np.testing.assert_allclose(v_solve, v_series, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(d_solve, d_series, rtol=1e-5, atol=1e-6)
@@ -131,7 +132,7 @@ def test_bellman_identities(maybe_jit):
 
 
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
-def test_performance_difference_and_surrogate_decomposition(gamma, maybe_jit):
+def test_performance_difference_and_surrogate_decomposition(gamma):
     mdps, pis, pis_new = random_problems(seed=3, gamma=gamma)
 
     def gaps(mdp, pi, pi_new):
@@ -141,7 +142,7 @@ def test_performance_difference_and_surrogate_decomposition(gamma, maybe_jit):
         decomposition = tabular.surrogate(mdp, pi, pi_new) + dsp
         return j_new - j_old, pdl, j_new, decomposition
 
-    true_change, pdl, j_new, decomposition = maybe_jit(jax.vmap(gaps))(mdps, pis, pis_new)
+    true_change, pdl, j_new, decomposition = jax.jit(jax.vmap(gaps))(mdps, pis, pis_new)
     # float32 precision: values are up to 1/(1-gamma) and the solves have condition number 1/(1-gamma).
     tolerance = 4 * np.finfo(np.float32).eps / (1.0 - gamma) ** 2
     np.testing.assert_allclose(pdl, true_change, atol=tolerance)
@@ -160,7 +161,7 @@ def test_surrogate_is_linear_in_alpha_and_cpi_bound_holds():
         linear = tabular.expected_return(mdp, pi) + alphas * terms.gain  # eq. 57
         return j_alpha, surrogate_alpha, linear, tabular.cpi_lower_bound(mdp, pi, pi_new, alphas)
 
-    j_alpha, surrogate_alpha, linear, bound = jax.vmap(along_alpha)(mdps, pis, pis_new)
+    j_alpha, surrogate_alpha, linear, bound = jax.jit(jax.vmap(along_alpha))(mdps, pis, pis_new)
     np.testing.assert_allclose(surrogate_alpha, linear, atol=2e-5)
     assert np.all(np.asarray(j_alpha) >= np.asarray(bound) - 1e-5)  # eq. 59
     np.testing.assert_allclose(bound[:, 0], j_alpha[:, 0], atol=1e-5)  # tight at alpha = 0
@@ -177,7 +178,7 @@ def test_cpi_step_size_maximises_the_bound():
         bound_at_alpha = tabular.cpi_lower_bound(mdp, pi, pi_new, alpha)
         return alpha, bound_at_alpha, jnp.max(tabular.cpi_lower_bound(mdp, pi, pi_new, grid)), terms.gain
 
-    alpha, bound_at_alpha, best_on_grid, gain = jax.vmap(check)(mdps, pis)
+    alpha, bound_at_alpha, best_on_grid, gain = jax.jit(jax.vmap(check))(mdps, pis)
     assert np.all(np.asarray(gain) > 0)  # the greedy policy improves the surrogate
     assert np.all((np.asarray(alpha) > 0) & (np.asarray(alpha) < 1))
     assert np.all(np.asarray(bound_at_alpha) >= np.asarray(best_on_grid) - 1e-6)
@@ -196,7 +197,7 @@ def test_cpi_step_size_degenerate_inputs():
 
 def test_cpi_iterations_improve_monotonically_and_respect_the_bound():
     mdps, pis, _ = random_problems(seed=6, gamma=0.8)
-    _, history = jax.vmap(lambda m, p: tabular.conservative_policy_iteration(m, p, 60))(mdps, pis)
+    _, history = jax.jit(jax.vmap(lambda m, p: tabular.conservative_policy_iteration(m, p, 60)))(mdps, pis)
     returns, bound = np.asarray(history.expected_return), np.asarray(history.bound)
     assert np.all(np.diff(returns, axis=1) >= -1e-5)
     assert np.all(returns[:, 1:] >= bound[:, :-1] - 1e-5)  # J(pi_{k+1}) >= guaranteed bound (eq. 60)
@@ -217,15 +218,19 @@ def test_example1_cpi_never_collapses():
 
 
 def random_logits(seed, num=NUM_MDPS):
-    return 1.5 * jax.random.normal(jax.random.key(seed), (num, S, A))
+    return jnp.asarray(1.5 * np.random.default_rng(seed).normal(size=(num, S, A)), jnp.float32)
+
+
+def both_gradients(mdp, logits):
+    autodiff = tabular.softmax_policy_gradient(mdp, logits)
+    return autodiff, tabular.softmax_policy_gradient_from_occupancy(mdp, logits)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.6, 0.95])
-def test_policy_gradient_autodiff_matches_occupancy_form(gamma, maybe_jit):
+def test_policy_gradient_autodiff_matches_occupancy_form(gamma):
     mdps, _, _ = random_problems(seed=7, gamma=gamma)
     logits = random_logits(8)
-    autodiff = maybe_jit(jax.vmap(tabular.softmax_policy_gradient))(mdps, logits)
-    occupancy_form = maybe_jit(jax.vmap(tabular.softmax_policy_gradient_from_occupancy))(mdps, logits)
+    autodiff, occupancy_form = jax.jit(jax.vmap(both_gradients))(mdps, logits)
     scale = np.max(np.abs(occupancy_form))
     np.testing.assert_allclose(autodiff, occupancy_form, atol=2e-6 * max(scale, 1.0) / (1 - gamma))
 
@@ -237,7 +242,7 @@ def test_policy_gradient_matches_finite_differences():
     gradient = tabular.softmax_policy_gradient_from_occupancy(mdp, logits)
     h = 1e-2
     basis = jnp.eye(S * A).reshape(S * A, S, A)
-    j = jax.vmap(lambda e: tabular.softmax_expected_return(mdp, logits + h * e))
+    j = jax.jit(jax.vmap(lambda e: tabular.softmax_expected_return(mdp, logits + h * e)))
     central = (j(basis) - j(-basis)) / (2 * h)
     np.testing.assert_allclose(central.reshape(S, A), gradient, atol=5e-4)
 
@@ -245,9 +250,8 @@ def test_policy_gradient_matches_finite_differences():
 def test_policy_gradient_with_action_mask():
     mdp, pi, _ = distribution_shift_example()
     logits = jnp.log(jnp.where(mdp.action_mask, pi, 1.0))
-    gradient = tabular.softmax_policy_gradient(mdp, logits)
+    gradient, occupancy_form = jax.jit(both_gradients)(mdp, logits)
     assert np.all(np.isfinite(gradient))
-    occupancy_form = tabular.softmax_policy_gradient_from_occupancy(mdp, logits)
     np.testing.assert_allclose(gradient, occupancy_form, atol=1e-6)
     assert gradient[2, 1] == 0.0  # masked action
 
@@ -258,11 +262,21 @@ def test_contextual_bandit_gradient_is_the_bandit_formula():
     bandit = contextual_bandit(rewards, contexts)
     logits = jnp.array([[0.1, -0.3, 0.4], [1.0, 0.0, -1.0]])
     pi = jax.nn.softmax(logits, -1)
-    np.testing.assert_allclose(tabular.state_occupancy(bandit, pi), contexts, atol=1e-7)
-    np.testing.assert_allclose(tabular.expected_return(bandit, pi), jnp.sum(contexts[:, None] * pi * rewards))
+
+    @jax.jit
+    def exact(bandit, pi, logits):
+        return (
+            tabular.state_occupancy(bandit, pi),
+            tabular.expected_return(bandit, pi),
+            tabular.softmax_policy_gradient(bandit, logits),
+        )
+
+    occupancy, expected_return, gradient = exact(bandit, pi, logits)
+    np.testing.assert_allclose(occupancy, contexts, atol=1e-7)
+    np.testing.assert_allclose(expected_return, jnp.sum(contexts[:, None] * pi * rewards), rtol=1e-6)
     baseline = jnp.sum(pi * rewards, -1, keepdims=True)
     expected = contexts[:, None] * pi * (rewards - baseline)  # E_s E_a [grad log pi (r - b(s))] (000)
-    np.testing.assert_allclose(tabular.softmax_policy_gradient(bandit, logits), expected, atol=1e-6)
+    np.testing.assert_allclose(gradient, expected, atol=1e-6)
 
 
 def mean_kl(logits_old, logits, weights):
@@ -276,7 +290,7 @@ def test_fisher_matrix_is_the_hessian_of_the_mean_kl():
     logits = random_logits(12, 1)[0]
     fisher = tabular.softmax_fisher_matrix(mdp, logits)
     weights = tabular.state_occupancy(mdp, jax.nn.softmax(logits))
-    hessian = jax.hessian(lambda x: mean_kl(logits, x.reshape(S, A), weights))(logits.reshape(-1))
+    hessian = jax.jit(jax.hessian(lambda x: mean_kl(logits, x.reshape(S, A), weights)))(logits.reshape(-1))
     np.testing.assert_allclose(fisher, hessian, atol=1e-6)
     # ... and the expected outer product of the score.
     pi = jax.nn.softmax(logits)
@@ -289,7 +303,8 @@ def test_fisher_matrix_is_the_hessian_of_the_mean_kl():
 def test_natural_gradient_is_the_minimum_norm_solution(custom_weights):
     mdps, _, _ = random_problems(seed=13)
     logits = random_logits(14)
-    weights = jax.random.dirichlet(jax.random.key(15), jnp.ones(S), (NUM_MDPS,)) if custom_weights else None
+    weights = jnp.asarray(np.random.default_rng(15).dirichlet(np.ones(S), NUM_MDPS), jnp.float32)
+    weights = weights if custom_weights else None
 
     def solve(mdp, logit, w):
         fisher = tabular.softmax_fisher_matrix(mdp, logit, w)
@@ -310,8 +325,8 @@ def test_natural_gradient_is_the_minimum_norm_solution(custom_weights):
 def test_natural_gradient_is_the_centred_advantage_for_occupancy_weights():
     mdps, _, _ = random_problems(seed=16, gamma=0.9)
     logits = random_logits(17)
-    natural = jax.vmap(tabular.softmax_natural_gradient)(mdps, logits)
-    adv = jax.vmap(lambda m, x: tabular.advantages(m, jax.nn.softmax(x)))(mdps, logits)
+    natural = jax.jit(jax.vmap(tabular.softmax_natural_gradient))(mdps, logits)
+    adv = jax.jit(jax.vmap(lambda m, x: tabular.advantages(m, jax.nn.softmax(x))))(mdps, logits)
     np.testing.assert_allclose(natural, (adv - adv.mean(-1, keepdims=True)) / (1 - 0.9), atol=1e-4)
 
 
