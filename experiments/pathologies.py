@@ -101,34 +101,39 @@ def example1_problem(config: PathologiesConfig) -> tabular_mdps.DistributionShif
     return tabular_mdps.distribution_shift_example(config.gamma, config.penalty, config.eta, config.eta2)
 
 
-def example1(config: PathologiesConfig) -> dict[str, float]:
-    """The exact quantities of 003 section 4.1.1, beside the seed's closed forms."""
-    mdp, pi, pi_new = example1_problem(config)
+@jax.jit
+def _example1_exact(mdp, pi, pi_new) -> dict[str, jax.Array]:
     j_old, j_new = tabular.expected_return(mdp, pi), tabular.expected_return(mdp, pi_new)
     surrogate = tabular.surrogate(mdp, pi, pi_new)
+    dsp = tabular.distribution_shift_penalty(mdp, pi, pi_new)
     adv = tabular.advantages(mdp, pi)
-    gamma, M, eta, eta2 = config.gamma, config.penalty, config.eta, config.eta2
-    v_s1 = 1.0 - eta2 * (1.0 + M)
-    numbers = {
+    return {
         "J_pi": j_old,
         "J_pi_new": j_new,
         "surrogate": surrogate,
         "predicted_change": surrogate - j_old,
         "true_change": j_new - j_old,
-        "dsp": tabular.distribution_shift_penalty(mdp, pi, pi_new),
+        "dsp": dsp,
+        "surrogate_plus_dsp": surrogate + dsp,
         "performance_difference": tabular.performance_difference(mdp, pi, pi_new),
         "V_s1": tabular.state_values(mdp, pi)[tabular_mdps.S1],
         "A_s0_a1": adv[tabular_mdps.S0, tabular_mdps.A1],
         "A_s1_b": adv[tabular_mdps.S1, tabular_mdps.BAD],
         "d_pi_s1": tabular.state_occupancy(mdp, pi)[tabular_mdps.S1],
         "d_pi_new_s1": tabular.state_occupancy(mdp, pi_new)[tabular_mdps.S1],
-        # The seed's closed forms (003 section 4.1.1), for comparison.
-        "seed_J_pi": eta * gamma * v_s1,
-        "seed_J_pi_new": -gamma * M,
-        "seed_predicted_change": gamma * ((1 - eta) * v_s1 - eta * (1 + M) * (1 - eta2)),
     }
-    numbers["surrogate_plus_dsp"] = numbers["surrogate"] + numbers["dsp"]
-    return {name: float(value) for name, value in numbers.items()}
+
+
+def example1(config: PathologiesConfig) -> dict[str, float]:
+    """The exact quantities of 003 section 4.1.1, beside the seed's closed forms."""
+    numbers = {name: float(value) for name, value in _example1_exact(*example1_problem(config)).items()}
+    gamma, M, eta, eta2 = config.gamma, config.penalty, config.eta, config.eta2
+    v_s1 = 1.0 - eta2 * (1.0 + M)
+    # The seed's closed forms (003 section 4.1.1), for comparison.
+    numbers["seed_J_pi"] = eta * gamma * v_s1
+    numbers["seed_J_pi_new"] = -gamma * M
+    numbers["seed_predicted_change"] = gamma * ((1 - eta) * v_s1 - eta * (1 + M) * (1 - eta2))
+    return numbers
 
 
 def eta_sweep(config: PathologiesConfig) -> dict[str, np.ndarray | float]:
@@ -160,14 +165,28 @@ def eta_sweep(config: PathologiesConfig) -> dict[str, np.ndarray | float]:
     }
 
 
+@jax.jit
+def _cpi_exact(mdp, pi, pi_new) -> dict[str, jax.Array]:
+    terms = tabular.cpi_terms(mdp, pi, pi_new)
+    alpha_star = tabular.cpi_step_size(terms.gain, terms.epsilon, mdp.gamma)
+    # Policy iteration from pi (exact greedy steps) reaches the optimum of this small MDP.
+    optimal = jax.lax.fori_loop(0, mdp.r.shape[0] + 1, lambda _, p: tabular.greedy_policy(mdp, p), pi)
+    return {
+        "gain": terms.gain,
+        "epsilon": terms.epsilon,
+        "alpha_star": alpha_star,
+        "J_pi": tabular.expected_return(mdp, pi),
+        "J_alpha_star": tabular.expected_return(mdp, tabular.mixture_policy(pi, pi_new, alpha_star)),
+        "bound_alpha_star": tabular.cpi_lower_bound(mdp, pi, pi_new, alpha_star),
+        "J_full_step": tabular.expected_return(mdp, pi_new),
+        "J_optimal": tabular.expected_return(mdp, optimal),
+    }
+
+
 def cpi_study(config: PathologiesConfig) -> dict[str, Any]:
     """CPI on Example 1: alpha* (eq. 61), bound (eq. 60) vs true J over alpha, and CPI iterations."""
     mdp, pi, pi_new = example1_problem(config)
-    terms = tabular.cpi_terms(mdp, pi, pi_new)
-    alpha_star = tabular.cpi_step_size(terms.gain, terms.epsilon, mdp.gamma)
-    alphas = jnp.linspace(0.0, 1.0, config.alpha_points)
-    # A second grid that resolves the region around alpha* (the bound's useful range).
-    zoom = jnp.linspace(0.0, 4.0 * alpha_star, config.alpha_points)
+    result: dict[str, Any] = {name: float(value) for name, value in _cpi_exact(mdp, pi, pi_new).items()}
 
     @jax.jit
     def along(alpha_grid):
@@ -176,43 +195,24 @@ def cpi_study(config: PathologiesConfig) -> dict[str, Any]:
         linear = jax.vmap(lambda p: tabular.surrogate(mdp, pi, p))(mixtures)
         return true, linear, tabular.cpi_lower_bound(mdp, pi, pi_new, alpha_grid)
 
-    iterate = jax.jit(tabular.conservative_policy_iteration, static_argnums=(2, 3))
-    _, fixed_history = iterate(mdp, pi, config.cpi_iterations, lambda m, p: pi_new)
-    _, greedy_history = iterate(mdp, pi, config.cpi_iterations, tabular.greedy_policy)
-    greedy = tabular.greedy_policy(mdp, pi)
-    result = {
-        "gain": float(terms.gain),
-        "epsilon": float(terms.epsilon),
-        "alpha_star": float(alpha_star),
-        "J_pi": float(tabular.expected_return(mdp, pi)),
-        "J_alpha_star": float(tabular.expected_return(mdp, tabular.mixture_policy(pi, pi_new, alpha_star))),
-        "bound_alpha_star": float(tabular.cpi_lower_bound(mdp, pi, pi_new, alpha_star)),
-        "J_full_step": float(tabular.expected_return(mdp, pi_new)),
-        "J_greedy_full_step": float(tabular.expected_return(mdp, greedy)),
-        "J_optimal": float(tabular.expected_return(mdp, _optimal_policy(mdp))),
-        "fixed_candidate_returns": np.asarray(fixed_history.expected_return),
-        "fixed_candidate_alphas": np.asarray(fixed_history.alpha),
-        "greedy_candidate_returns": np.asarray(greedy_history.expected_return),
-        "greedy_candidate_alphas": np.asarray(greedy_history.alpha),
+    # The whole of [0, 1], and a grid that resolves the region around alpha* (the bound's useful range).
+    grids = {
+        "alpha": np.linspace(0.0, 1.0, config.alpha_points),
+        "alpha_zoom": np.linspace(0.0, 4.0 * result["alpha_star"], config.alpha_points),
     }
-    for name, grid in (("alpha", alphas), ("alpha_zoom", zoom)):
-        true, linear, bound = (np.asarray(x) for x in along(grid))
-        result[name] = {"alpha": np.asarray(grid), "J": true, "surrogate": linear, "bound": bound}
-    result["bound_holds"] = bool(
-        all(np.all(result[n]["J"] >= result[n]["bound"] - 1e-5) for n in ("alpha", "alpha_zoom"))
-    )
-    for name in ("fixed_candidate_returns", "greedy_candidate_returns"):
-        result[name.replace("returns", "monotone")] = bool(np.all(np.diff(result[name]) >= -1e-6))
+    for name, grid in grids.items():
+        true, linear, bound = (np.asarray(x) for x in along(jnp.asarray(grid, jnp.float32)))
+        result[name] = {"alpha": grid, "J": true, "surrogate": linear, "bound": bound}
+    result["bound_holds"] = bool(all(np.all(result[n]["J"] >= result[n]["bound"] - 1e-5) for n in grids))
+
+    iterate = jax.jit(tabular.conservative_policy_iteration, static_argnums=(2, 3))
+    candidates = {"fixed_candidate": lambda m, p: pi_new, "greedy_candidate": tabular.greedy_policy}
+    for name, candidate in candidates.items():
+        _, history = iterate(mdp, pi, config.cpi_iterations, candidate)
+        result[f"{name}_returns"] = np.asarray(history.expected_return)
+        result[f"{name}_alphas"] = np.asarray(history.alpha)
+        result[f"{name}_monotone"] = bool(np.all(np.diff(result[f"{name}_returns"]) >= -1e-6))
     return result
-
-
-def _optimal_policy(mdp, iterations: int = 20) -> jax.Array:
-    """Policy iteration from the uniform policy over available actions (exact, small MDPs)."""
-    pi = tabular.softmax_policy(jnp.zeros(mdp.r.shape), mdp.action_mask)
-    improve = jax.jit(tabular.greedy_policy)
-    for _ in range(iterations):
-        pi = improve(mdp, pi)
-    return pi
 
 
 # --------------------------------------------------------------------------------------------------------
