@@ -172,15 +172,17 @@ def cpi_penalty_coefficient(gamma) -> jax.Array:
     return 2.0 * gamma / (1.0 - gamma) ** 2
 
 
+def _cpi_bound(expected_return_pi, terms: CPITerms, alpha, gamma) -> jax.Array:
+    return expected_return_pi + alpha * terms.gain - cpi_penalty_coefficient(gamma) * terms.epsilon * alpha**2
+
+
 def cpi_lower_bound(mdp: MDP, pi: jax.Array, pi_new: jax.Array, alpha) -> jax.Array:
     """Lower bound on ``J(pi_alpha)`` for the mixture of eq. (55), from eq. (59)-(60):
 
     ``J(pi) + alpha g - 2 gamma epsilon alpha^2 / (1 - gamma)^2``; scalar (broadcasts over ``alpha`` arrays).
     """
-    terms = cpi_terms(mdp, pi, pi_new)
     alpha = jnp.asarray(alpha, jnp.float32)
-    penalty = cpi_penalty_coefficient(mdp.gamma) * terms.epsilon * alpha**2
-    return expected_return(mdp, pi) + alpha * terms.gain - penalty
+    return _cpi_bound(expected_return(mdp, pi), cpi_terms(mdp, pi, pi_new), alpha, mdp.gamma)
 
 
 def cpi_step_size(gain, epsilon, gamma) -> jax.Array:
@@ -229,7 +231,7 @@ def conservative_policy_iteration(
         terms = cpi_terms(mdp, pi, pi_new)
         alpha = cpi_step_size(terms.gain, terms.epsilon, mdp.gamma)
         ret = expected_return(mdp, pi)
-        bound = ret + alpha * terms.gain - cpi_penalty_coefficient(mdp.gamma) * terms.epsilon * alpha**2
+        bound = _cpi_bound(ret, terms, alpha, mdp.gamma)
         record = CPIHistory(pi, ret, alpha, terms.gain, terms.epsilon, bound)
         return mixture_policy(pi, pi_new, alpha), record
 
@@ -299,7 +301,8 @@ def softmax_natural_gradient(
     ``x[s, a] = d_pi(s) / (w(s) (1 - gamma)) (A^pi(s, a) - mean_b A^pi(s, b))`` over available actions, and 0
     at masked actions and at states with ``w(s) = 0``. With the default ``w = d_pi`` this is the centred
     advantage divided by ``1 - gamma``.
-    ``damping > 0``: the dense solve ``(F + damping I) x = grad J``, as a damped CG would approximate.
+    ``damping > 0`` (a Python float): the dense solve ``(F + damping I) x = grad J``, which a damped
+    conjugate gradient approximates.
     ``F`` is ``softmax_fisher_matrix(mdp, logits, state_weights)``.
     """
     mask = _action_mask(mdp)
