@@ -251,6 +251,7 @@ def plot_learning_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, (steps, values) in curves.items():
         values = np.atleast_2d(values)

@@ -248,14 +248,19 @@ def adaptive_kl_beta(
     target_kl: float,
     threshold: float = 1.5,
     factor: float = 2.0,
+    min_beta: float = 1e-6,
+    max_beta: float = 1e6,
 ) -> jax.Array:
     """The PPO paper's adaptive penalty rule (Schulman et al., 2017, section 4; 004, with the seeds' errata).
 
-    beta / factor if kl < target_kl / threshold; beta * factor if kl > target_kl * threshold; else beta.
-    The paper uses threshold 1.5 and factor 2 (004 writes threshold 2). Scalar.
+    beta / factor if kl < target_kl / threshold; beta * factor if kl > target_kl * threshold; else beta;
+    then clipped to [min_beta, max_beta], so that a long run of small (or large) KLs cannot drive beta
+    to 0 or to infinity in float32. The paper uses threshold 1.5 and factor 2 (004 writes threshold 2).
+    Scalar.
     """
     if threshold <= 1.0 or factor <= 1.0:
         raise ValueError(f"adaptive_kl_beta needs threshold > 1 and factor > 1, got {threshold}, {factor}")
     beta = jnp.asarray(beta, jnp.float32)
     beta = jnp.where(kl < target_kl / threshold, beta / factor, beta)
-    return jnp.where(kl > target_kl * threshold, beta * factor, beta)
+    beta = jnp.where(kl > target_kl * threshold, beta * factor, beta)
+    return jnp.clip(beta, min_beta, max_beta)

@@ -139,6 +139,9 @@ def test_adaptive_kl_beta_parameters_and_errors():
     np.testing.assert_allclose(losses.adaptive_kl_beta(1.0, 0.021, 0.01, threshold=2.0, factor=3.0), 3.0)
     with pytest.raises(ValueError):
         losses.adaptive_kl_beta(1.0, 0.01, 0.01, threshold=1.0)
+    # beta stays inside [min_beta, max_beta] however long the KL stays off target.
+    np.testing.assert_allclose(losses.adaptive_kl_beta(1.5e-6, 0.0, 0.01), 1e-6)
+    np.testing.assert_allclose(losses.adaptive_kl_beta(8e5, 1.0, 0.01), 1e6)
 
 
 def test_explained_variance_cases():
