@@ -340,3 +340,19 @@ def test_sample_episodes_shapes_and_support():
     assert np.all(actions[states == 2] == 0)  # never a masked action
     np.testing.assert_allclose(np.mean(states[1] == 1), 0.5, atol=0.05)
     np.testing.assert_array_equal(episodes.rewards, np.asarray(mdp.r)[states, actions])
+
+
+def test_natural_gradient_with_action_mask():
+    mdp, pi, _ = distribution_shift_example(eta=0.3, eta2=0.4)
+    logits = jnp.log(jnp.where(mdp.action_mask, pi, 1.0))
+
+    @jax.jit
+    def solve(mdp, logits):
+        fisher = tabular.softmax_fisher_matrix(mdp, logits)
+        natural = tabular.softmax_natural_gradient(mdp, logits)
+        return fisher, natural, tabular.softmax_policy_gradient(mdp, logits)
+
+    fisher, natural, gradient = solve(mdp, logits)
+    np.testing.assert_allclose(fisher @ natural.reshape(-1), gradient.reshape(-1), atol=1e-5)
+    np.testing.assert_allclose(natural.reshape(-1), jnp.linalg.pinv(fisher) @ gradient.reshape(-1), atol=1e-3)
+    assert natural[2, 1] == 0.0 and np.all(np.isfinite(natural))
