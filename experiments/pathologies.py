@@ -428,7 +428,7 @@ def summary_text(config: PathologiesConfig, ex1: dict, sweep: dict, cpi: dict, e
         )
     lines.append(
         "  (PDIS = IS here: the only reward follows all H decisions; SNIS is exact: G_0 is constant;"
-        " the MC variance misses the rare huge weights at large H)"
+        " at large H the MC variance rests on a few rare, huge weights and is unreliable)"
     )
     return "\n".join(lines)
 
