@@ -13,6 +13,7 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOKS = [
     "notebooks/01_pathologies.ipynb",
+    "notebooks/02_classic_control.ipynb",
     "notebooks/03_grpo_family.ipynb",
 ]
 

@@ -1,0 +1,123 @@
+"""Compile time and throughput of PPO on CartPole-v1 at the CleanRL config (4 envs x 128 steps, 4 epochs x 4
+minibatches, 500k steps per seed), for 1 seed, 8 vmapped seeds, and 64 environments per seed.
+
+    python -m experiments.benchmark_control                 # all cases, 3 timed repeats each
+    python -m experiments.benchmark_control --cases 1seed --repeats 5 --profile
+
+Steps per second count environment steps of all seeds, learning included (the whole jitted training
+function), after compilation. `--profile` also times the two halves of one update (rollout of 512 steps;
+the 16 minibatch gradient steps) separately. Timings on a shared 2-core machine are noisy: the script
+prints the load average, CPU time next to wall time, and the median over repeats.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import control, runs  # noqa: E402
+from polygrad import networks, rollout  # noqa: E402
+
+CASES = {
+    "1seed": {"num_seeds": 1},
+    "8seeds": {"num_seeds": 8},
+    "64envs": {"num_seeds": 1, "num_envs": 64},
+}
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _timed(fn, *args):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def benchmark_case(name: str, repeats: int, **overrides) -> dict:
+    config = control.default_config("ppo", "CartPole-v1", **{**CASES[name], **overrides})
+    keys = runs.seed_keys(0, config.num_seeds)
+    wall, cpu = time.perf_counter(), time.process_time()
+    compiled = jax.jit(jax.vmap(control.make_train(config))).lower(keys).compile()
+    compile_wall, compile_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    walls, cpus = [], []
+    for _ in range(repeats):
+        (_, metrics), w, c = _timed(compiled, keys)
+        walls.append(w)
+        cpus.append(c)
+    returns = np.asarray(metrics["episode_return"])
+    steps = config.num_seeds * config.num_updates * config.batch_size
+    run_wall = statistics.median(walls)
+    return {
+        "case": name,
+        "compile_s": compile_wall,
+        "compile_cpu_s": compile_cpu,
+        "run_s": run_wall,
+        "run_cpu_s": statistics.median(cpus),
+        "steps_per_s": steps / run_wall,
+        "final_return": float(np.nanmean(returns[:, -10:])),
+    }
+
+
+def profile_update(repeats: int) -> None:
+    """Times one update's rollout and its learner step separately (1 seed, jitted, after compilation)."""
+    config = control.default_config("ppo", "CartPole-v1", num_seeds=1)
+    program = control.make_program(config)
+    env = control.make_env(config)
+    network = control.make_network(config, env)
+    learner = control.ALGORITHMS["ppo"].build(config, network.apply, config.num_updates)
+    carry = jax.jit(program.init)(jax.random.PRNGKey(0))
+
+    def collect(carry):
+        params = carry.learner.params
+        return rollout.rollout(
+            lambda o: network.apply(params, o, method=networks.ActorCritic.policy),
+            lambda o: network.apply(params, o, method=networks.ActorCritic.value),
+            env.step, carry.env_state, carry.obs, carry.key, config.num_steps, config.rollout_unroll,
+        )[0]
+
+    def many(fn, n=50):
+        return jax.jit(lambda *a: jax.lax.fori_loop(0, n, lambda i, c: fn(*a, c), 0.0))
+
+    collect_n = many(lambda carry, acc: acc + collect(carry).rewards.sum())
+    traj = jax.jit(collect)(carry)
+    learn_n = many(lambda carry, traj, acc: acc + learner.update(carry.learner, traj, carry.key)[1]["loss"])
+    update_n = many(lambda carry, acc: acc + program.update(carry)[1]["loss"])
+    for label, fn, args in [("rollout (512 env steps + values)", collect_n, (carry,)),
+                            ("learner (GAE + 4 x 4 Adam steps)", learn_n, (carry, traj)),
+                            ("whole update", update_n, (carry,))]:
+        jax.block_until_ready(fn(*args))
+        times = [_timed(fn, *args)[1] / 50 for _ in range(repeats)]
+        print(f"  {label:36s} {1e3 * statistics.median(times):7.2f} ms per update")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="time rollout and learner separately")
+    parser.add_argument("--rollout-unroll", type=int, default=1)
+    args = parser.parse_args()
+    platform = jax.devices()[0].platform
+    print(f"jax {jax.__version__} on {platform}, {os.cpu_count()} CPUs, load average {_load()}")
+    print(f"{'case':8s} {'compile s':>10s} {'(cpu s)':>8s} {'run s':>7s} {'(cpu s)':>8s} {'steps/s':>9s} "
+          f"{'final return':>12s}")
+    for name in args.cases:
+        r = benchmark_case(name, args.repeats, rollout_unroll=args.rollout_unroll)
+        print(f"{r['case']:8s} {r['compile_s']:10.2f} {r['compile_cpu_s']:8.2f} {r['run_s']:7.2f} "
+              f"{r['run_cpu_s']:8.2f} {r['steps_per_s']:9,.0f} {r['final_return']:12.1f}")
+    if args.profile:
+        print("profile of one update (1 seed):")
+        profile_update(args.repeats)
+    print(f"load average at the end {_load()}")
+
+
+if __name__ == "__main__":
+    main()
