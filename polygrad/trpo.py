@@ -124,9 +124,9 @@ def make_trust_region_learner(
 
     Returns:
       `Learner(init, update)`; `update(state, trajectory [T, B], key)` returns the new state and the
-      metrics of the trust-region step (see `trust_region.trpo_step`) plus `value_loss` and `grad_norm`
-      (means over the value fit's steps), `explained_variance` (of the behaviour values) and `entropy`
-      (of the new policy).
+      metrics of the trust-region step (see `trust_region.trpo_step`) plus `value_loss` and
+      `value_grad_norm` (means over the value fit's steps), `explained_variance` (of the behaviour
+      values) and `entropy` (of the new policy).
     """
     if value_epochs < 1 or value_minibatches < 1:
         raise ValueError(f"value_epochs and value_minibatches must be >= 1, got {value_epochs}, "
@@ -156,7 +156,8 @@ def make_trust_region_learner(
         new_policy, _ = apply_fn(params, batch["obs"])
         metrics = {
             **metrics,
-            **value_metrics,
+            "value_loss": value_metrics["value_loss"],
+            "value_grad_norm": value_metrics["grad_norm"],
             "explained_variance": losses.explained_variance(batch["values"], batch["targets"]),
             "entropy": jnp.mean(new_policy.entropy()),
         }
