@@ -54,7 +54,9 @@ def cumulative_weights(
     if mask is not None:
         chex.assert_equal_shape([step_log_ratios, mask])
         step_log_ratios = step_log_ratios * mask
-    return jnp.exp(jnp.clip(jnp.cumsum(step_log_ratios, axis=0), -clip, clip))
+    # associative_scan: XLA:CPU lowers jnp.cumsum over a long axis far more slowly.
+    log_weights = jax.lax.associative_scan(jnp.add, step_log_ratios, axis=0)
+    return jnp.exp(jnp.clip(log_weights, -clip, clip))
 
 
 def ordinary_is(weights: jax.Array, values: jax.Array) -> jax.Array:
