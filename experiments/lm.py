@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -111,7 +112,7 @@ class LMConfig:
     sft_batch_size: int = 128
     sft_learning_rate: float = 1e-3
     eval_prompts: int = 64
-    """held-out prompts scored every update (one sampled and one greedy answer each)."""
+    """held-out prompts scored every update (one sampled and one greedy answer each); 0: none."""
     final_eval_prompts: int = 256
     pass_k: int = 8
     """samples per held-out prompt in the final evaluation (pass@k)."""
@@ -142,9 +143,10 @@ class LMConfig:
         check(self.group_size >= 2, f"group_size must be >= 2 (group baselines), got {self.group_size}")
         for name in ("num_seeds", "num_updates", "num_prompts", "num_epochs", "num_minibatches",
                      "max_sampling_rounds", "d_model", "num_layers", "num_heads", "corpus_size",
-                     "sft_batch_size", "eval_prompts", "final_eval_prompts", "pass_k", "updates_per_chunk"):
+                     "sft_batch_size", "final_eval_prompts", "pass_k", "updates_per_chunk"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.sft_steps >= 0, f"sft_steps must be >= 0, got {self.sft_steps}")
+        check(self.eval_prompts >= 0, f"eval_prompts must be >= 0, got {self.eval_prompts}")
         check((self.num_prompts * self.group_size) % self.num_minibatches == 0,
               f"num_minibatches={self.num_minibatches} does not divide the batch num_prompts * group_size = "
               f"{self.num_prompts * self.group_size}")
@@ -417,7 +419,7 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
     first round, effective prompts (groups with signal in the batch), sampling rounds, the loss metrics of
     `polygrad.grpo` (clip fractions, ratio statistics, approx KL to pi_old, KL to pi_ref, entropy, ...),
     the variance of token and sequence ratios per response-length bucket after the update, and held-out
-    `eval_pass1_sampled` / `eval_pass1_greedy` on `eval_prompts` fixed test prompts.
+    `eval_pass1_sampled` / `eval_pass1_greedy` on `eval_prompts` fixed test prompts (if > 0).
     """
     task, model = config.make_task(), config.make_model()
     loss_config = config.loss_config()
@@ -426,7 +428,7 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
     minibatch = batch // config.num_minibatches
     tx = updates.make_optimizer(config.learning_rate, config.max_grad_norm or None)
     ref_params = warm_params
-    eval_prompts = task.sample_prompts(jax.random.PRNGKey(12345), config.eval_prompts, "test")
+    eval_prompts = task.sample_prompts(jax.random.PRNGKey(12345), max(config.eval_prompts, 1), "test")
     use_values = loss_config.value_coef > 0
 
     def teacher_forced(params, prompts, tokens):
@@ -471,7 +473,7 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
             params, opt_state = state
             (_, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(params, rows)
             changes, opt_state = tx.update(grads, opt_state, params)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["grad_norm"] = optax.tree.norm(grads)
             return (optax.apply_updates(params, changes), opt_state), metrics
 
         def epoch(state, k):
@@ -491,9 +493,6 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
         correct = flat.correct.astype(jnp.float32) * row
         wrong = (1.0 - flat.correct.astype(jnp.float32)) * row
         length = flat.lengths.astype(jnp.float32)
-        ev_sampled = generate_groups(task, model, params, eval_key, eval_prompts, 1)
-        ev_greedy = sampling.sample(model, params, eval_key, eval_prompts, task.max_response_len,
-                                    temperature=0.0, eos_id=text_tasks.EOS, pad_id=text_tasks.PAD)
         metrics = {
             "reward": _masked_mean(flat.reward, row),
             "pass1_train": _masked_mean(correct, row),
@@ -505,9 +504,13 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
             **stats,
             **loss_metrics,
             **ratio_stats,
-            "eval_pass1_sampled": jnp.mean(ev_sampled.correct.astype(jnp.float32)),
-            "eval_pass1_greedy": jnp.mean(task.score(eval_prompts, ev_greedy.tokens).correct),
         }
+        if config.eval_prompts:
+            ev_sampled = generate_groups(task, model, params, eval_key, eval_prompts, 1)
+            ev_greedy = sampling.sample(model, params, eval_key, eval_prompts, task.max_response_len,
+                                        temperature=0.0, eos_id=text_tasks.EOS, pad_id=text_tasks.PAD)
+            metrics["eval_pass1_sampled"] = jnp.mean(ev_sampled.correct.astype(jnp.float32))
+            metrics["eval_pass1_greedy"] = jnp.mean(task.score(eval_prompts, ev_greedy.tokens).correct)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         return LMCarry(new_params, opt_state, key), metrics
 
@@ -528,15 +531,15 @@ def pass_at_k(num_samples: int, num_correct: jax.Array, k: int) -> jax.Array:
     return 1.0 - fail
 
 
-def evaluate(config: LMConfig, params, ref_params, key) -> dict[str, jax.Array]:
-    """Held-out evaluation of one policy: `final_eval_prompts` test prompts, `pass_k` samples each at
-    temperature 1 and one greedy answer. Returns scalars: pass@1 sampled and greedy, pass@k, mean length
-    of correct and incorrect answers, truncation rate, per-token entropy, and KL(pi || pi_ref) per response
-    (the sampled sum of log-ratios, 003 eq. 87). Jittable; vmap it over seeds."""
-    task, model = config.make_task(), config.make_model()
+def evaluate(task, model: TransformerLM, params, ref_params, key, num_prompts: int, pass_k: int
+             ) -> dict[str, jax.Array]:
+    """Held-out evaluation of one policy: `num_prompts` test prompts, `pass_k` samples each at temperature
+    1 and one greedy answer. Returns scalars: pass@1 sampled and greedy, pass@k, mean length of correct and
+    incorrect answers, truncation rate, per-token entropy, and KL(pi || pi_ref) per response (the sampled
+    sum of log-ratios, 003 eq. 87). Jittable (task, model and the sizes static); vmap it over seeds."""
     prompt_key, sample_key = jax.random.split(key)
-    prompts = task.sample_prompts(prompt_key, config.final_eval_prompts, "test")
-    groups = generate_groups(task, model, params, sample_key, prompts, config.pass_k)
+    prompts = task.sample_prompts(prompt_key, num_prompts, "test")
+    groups = generate_groups(task, model, params, sample_key, prompts, pass_k)
     flat = jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])), groups)
     ref = sampling.sequence_log_probs(model, ref_params, flat.prompts, flat.tokens)
     greedy = sampling.sample(model, params, key, prompts, task.max_response_len, temperature=0.0,
@@ -547,7 +550,7 @@ def evaluate(config: LMConfig, params, ref_params, key) -> dict[str, jax.Array]:
     return {
         "pass1_sampled": jnp.mean(correct),
         "pass1_greedy": jnp.mean(task.score(prompts, greedy.tokens).correct.astype(jnp.float32)),
-        f"pass{config.pass_k}": jnp.mean(pass_at_k(config.pass_k, num_correct, config.pass_k)),
+        f"pass{pass_k}": jnp.mean(pass_at_k(pass_k, num_correct, pass_k)),
         "length_correct": jnp.sum(length * correct) / jnp.maximum(jnp.sum(correct), 1.0),
         "length_incorrect": jnp.sum(length * (1 - correct)) / jnp.maximum(jnp.sum(1 - correct), 1.0),
         "truncation_rate": jnp.mean(flat.truncated.astype(jnp.float32)),
@@ -556,11 +559,18 @@ def evaluate(config: LMConfig, params, ref_params, key) -> dict[str, jax.Array]:
     }
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
+def _evaluate_many(task, model, params, ref_params, keys, num_prompts, pass_k):
+    return jax.vmap(lambda p, k: evaluate(task, model, p, ref_params, k, num_prompts, pass_k))(params, keys)
+
+
 def evaluate_seeds(config: LMConfig, params, ref_params, seed: int = 0) -> dict[str, list[float]]:
-    """`evaluate` of every seed's params (leaves `[S, ...]`), as lists of floats per metric."""
+    """`evaluate` of every seed's params (leaves `[S, ...]`) with the config's final-evaluation sizes, as
+    lists of floats per metric (compiled once per task, model and sizes)."""
     num_seeds = jax.tree.leaves(params)[0].shape[0]
     keys = jax.random.split(jax.random.PRNGKey(seed + 777), num_seeds)
-    out = jax.jit(jax.vmap(lambda p, k: evaluate(config, p, ref_params, k)))(params, keys)
+    out = _evaluate_many(config.make_task(), config.make_model(), params, ref_params, keys,
+                         config.final_eval_prompts, config.pass_k)
     return {k: [float(x) for x in np.asarray(v)] for k, v in out.items()}
 
 

@@ -67,15 +67,31 @@ def test_token_gae_pays_the_reward_at_the_last_token():
 
 def _tiny(**fields):
     base = dict(WARM, d_model=32, num_layers=1, corpus_size=500, sft_steps=5, num_prompts=4, group_size=2,
-                num_epochs=1, num_minibatches=2, eval_prompts=4, final_eval_prompts=4, pass_k=2, num_seeds=1,
+                num_epochs=1, num_minibatches=2, eval_prompts=0, final_eval_prompts=4, pass_k=2, num_seeds=1,
                 num_updates=4, updates_per_chunk=2)
     base.update(fields)
     return lm.LMConfig(**base)
 
 
-def test_resume_gives_identical_results(tmp_path):
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent compilation cache for one test: the three runs of the resume test compile the same
+    chunk program (each `runs.run` jits a fresh function), and the cache turns two of those compilations
+    into loads."""
+    saved = {name: jax.config.values[name] for name in
+             ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+              "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def test_resume_gives_identical_results(tmp_path, compilation_cache):
     """Interrupt a run after its first chunk, restart it: same metrics and params as an uninterrupted run."""
-    config = _tiny(algo="dapo", dynamic_sampling=True, max_sampling_rounds=2)
+    config = _tiny(algo="dapo", dynamic_sampling=True, max_sampling_rounds=2, eval_prompts=2)
     full = lm.train(config, str(tmp_path / "full"), log=lambda _: None)
 
     class Interrupt(Exception):
