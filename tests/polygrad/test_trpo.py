@@ -26,8 +26,8 @@ def synthetic_batch(network, params, key):
     )
 
 
-@pytest.mark.parametrize("discrete", [True, False], ids=["categorical", "gaussian"])
-@pytest.mark.parametrize("line_search", [True, False], ids=["trpo", "npg"])
+@pytest.mark.parametrize(("discrete", "line_search"), [(True, True), (False, False)],
+                         ids=["trpo-categorical", "npg-gaussian"])
 def test_one_update_respects_the_trust_region_and_fits_the_critic(discrete, line_search):
     network = networks.ActorCritic(action_dim=2, discrete=discrete, hidden_sizes=(16,))
     params = network.init(jax.random.PRNGKey(0), jnp.zeros((1, OBS_DIM)))
