@@ -418,7 +418,7 @@ def make_train(config: ControlConfig) -> Callable[[jax.Array], tuple[TrainCarry,
     """A jittable function of one PRNG key running the whole training of one seed.
 
     Returns `(final TrainCarry, {metric: [num_updates]})`. Vmap it over seeds:
-    `jax.jit(jax.vmap(make_train(config)))(runs.seed_keys(config.seed, config.num_seeds))`.
+    `jax.jit(runs.vmap_seeds(make_train(config)))(runs.seed_keys(config.seed, config.num_seeds))`.
     """
     program = make_program(config)
 
