@@ -77,14 +77,14 @@ CLAIMS = {
 # Base corpus knobs per task, chosen so that the warm start is imperfect in the way each claim needs.
 TASK_KNOBS = {
     "reverse": {"n_min": 3, "n_max": 8},
-    "scratchpad_sum": {"k_min": 3, "k_max": 6, "max_response_len": 24, "corpus_step_noise": 0.15,
-                       "corpus_filler_max": 3},
+    "scratchpad_sum": {"k_min": 2, "k_max": 4, "corpus_step_noise": 0.1, "corpus_filler_max": 3},
     "constrained_string": {"n_min": 3, "n_max": 8, "corpus_token_noise": 0.1},
 }
 
 
-# A warm start that takes about a minute on 2 CPU cores.
+# Warm starts of one to two minutes on 2 CPU cores (scratchpad_sum needs more steps to learn the running sum).
 WARM_START = dict(corpus_size=8000, sft_steps=800, sft_batch_size=64, sft_learning_rate=2e-3)
+SFT_STEPS = {"scratchpad_sum": 1500}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,8 @@ def run_config(compare: CompareConfig, claim: Claim, overrides: dict) -> lm.LMCo
     return lm.LMConfig(task=claim.task, task_knobs=json.dumps(TASK_KNOBS[claim.task]),
                        num_seeds=compare.num_seeds, num_updates=compare.num_updates,
                        learning_rate=compare.learning_rate, warm_start_dir=os.path.join(compare.out, "warm"),
-                       **WARM_START, **claim.common, **overrides)
+                       **{**WARM_START, "sft_steps": SFT_STEPS.get(claim.task, WARM_START["sft_steps"])},
+                       **claim.common, **overrides)
 
 
 def _mean_curve(values: np.ndarray) -> np.ndarray:
