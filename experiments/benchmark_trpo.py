@@ -163,20 +163,22 @@ def run(config: BenchmarkConfig) -> dict[str, float]:
 def report(config: BenchmarkConfig, times: dict[str, float]) -> str:
     batch = config.num_envs * config.num_steps
     policy_step = times["direction"] + times["line_search_sequential"]
+    rows = [
+        (f"rollout ({batch} env steps)", times["rollout"]),
+        ("gradient g (GAE, surrogate)", times["gradient"]),
+        (f"CG ({times['cg_iterations']:.0f} Fisher-vector products)", times["cg"]),
+        (f"line search, sequential ({times['line_search_steps']:.0f} candidate)",
+         times["line_search_sequential"]),
+        ("line search, parallel (all candidates)", times["line_search_parallel"]),
+        ("policy step (gradient + CG + search)", policy_step),
+        ("value fit (Adam epochs)", times["value_fit"]),
+        ("rollout + full update (as trained)", times["rollout_and_update"]),
+    ]
     lines = [
         f"TRPO on {config.env}, batch {config.num_envs} x {config.num_steps} = {batch} steps, jax "
         f"{jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device), "
         f"median of {config.repeats} calls",
-        f"  rollout ({batch} env steps)         {1e3 * times['rollout']:8.2f} ms",
-        f"  gradient g (GAE, surrogate)         {1e3 * times['gradient']:8.2f} ms",
-        f"  CG ({times['cg_iterations']:.0f} Fisher-vector products)   "
-        f"{1e3 * times['cg']:8.2f} ms",
-        f"  line search, sequential ({times['line_search_steps']:.0f} step)    "
-        f"{1e3 * times['line_search_sequential']:8.2f} ms",
-        f"  line search, parallel (all)         {1e3 * times['line_search_parallel']:8.2f} ms",
-        f"  policy step (gradient+CG+search)    {1e3 * policy_step:8.2f} ms",
-        f"  value fit (Adam epochs)             {1e3 * times['value_fit']:8.2f} ms",
-        f"  rollout + full update (as trained)  {1e3 * times['rollout_and_update']:8.2f} ms",
+        *(f"  {label:42s} {1e3 * seconds:9.2f} ms" for label, seconds in rows),
     ]
     if "env_steps_per_second" in times:
         lines.append(f"  end to end: {times['env_steps_per_second']:,.0f} env steps/s "
