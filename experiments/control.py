@@ -420,15 +420,7 @@ def make_train(config: ControlConfig) -> Callable[[jax.Array], tuple[TrainCarry,
     Returns `(final TrainCarry, {metric: [num_updates]})`. Vmap it over seeds:
     `jax.jit(runs.vmap_seeds(make_train(config)))(runs.seed_keys(config.seed, config.num_seeds))`.
     """
-    program = make_program(config)
-
-    def train(key):
-        def step(carry, _):
-            return program.update(carry)
-
-        return jax.lax.scan(step, program.init(key), None, length=program.num_updates)
-
-    return train
+    return runs.whole_run(make_program(config))
 
 
 def config_dict(config: ControlConfig) -> dict[str, Any]:

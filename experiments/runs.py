@@ -120,19 +120,24 @@ def _jitted_init(program: Program):
     return jax.jit(vmap_seeds(program.init))
 
 
-def train(program: Program, keys: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
-    """The whole run of every seed as one jitted call, without the run folder (tests, notebooks).
+def whole_run(program: Program) -> Callable[[jax.Array], tuple[Any, dict[str, jax.Array]]]:
+    """One seed's whole run as a jittable function: `key -> (final carry, {name: [num_updates]})`."""
 
-    Returns the final carry and the metrics `{name: [num_seeds, num_updates]}`.
-    """
-
-    def one_seed(key):
+    def run_one_seed(key):
         def step(carry, _):
             return program.update(carry)
 
         return jax.lax.scan(step, program.init(key), None, length=program.num_updates)
 
-    return jax.jit(vmap_seeds(one_seed))(keys)
+    return run_one_seed
+
+
+def train(program: Program, keys: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    """The whole run of every seed as one jitted call, without the run folder (tests, notebooks).
+
+    Returns the final carry and the metrics `{name: [num_seeds, num_updates]}`.
+    """
+    return jax.jit(vmap_seeds(whole_run(program)))(keys)
 
 
 # --- files ---------------------------------------------------------------------------------------
