@@ -81,7 +81,7 @@ class LMConfig:
     entropy_coef: float = 0.0
     num_seeds: int = 4
     seed: int = 0
-    num_updates: int = 60
+    num_updates: int = 40
     num_prompts: int = 16
     """groups (prompts) per update."""
     group_size: int = 8
@@ -90,7 +90,7 @@ class LMConfig:
     """mu: passes over each batch."""
     num_minibatches: int = 2
     """optimiser steps per epoch (must divide num_prompts * group_size)."""
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-4
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     """sampling temperature of training rollouts."""
@@ -107,10 +107,10 @@ class LMConfig:
     d_model: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    corpus_size: int = 20_000
-    sft_steps: int = 1500
-    sft_batch_size: int = 128
-    sft_learning_rate: float = 1e-3
+    corpus_size: int = 8000
+    sft_steps: int = 800
+    sft_batch_size: int = 64
+    sft_learning_rate: float = 2e-3
     eval_prompts: int = 64
     """held-out prompts scored every update (one sampled and one greedy answer each); 0: none."""
     final_eval_prompts: int = 256

@@ -82,8 +82,8 @@ TASK_KNOBS = {
 }
 
 
-# Warm starts of one to two minutes on 2 CPU cores (scratchpad_sum needs more steps to learn the running sum).
-WARM_START = dict(corpus_size=8000, sft_steps=800, sft_batch_size=64, sft_learning_rate=2e-3)
+# Supervised steps of the warm start where lm.LMConfig's default (800) is not enough: scratchpad_sum needs
+# more to learn the running sum.
 SFT_STEPS = {"scratchpad_sum": 1500}
 
 
@@ -107,7 +107,7 @@ def run_config(compare: CompareConfig, claim: Claim, overrides: dict) -> lm.LMCo
     return lm.LMConfig(task=claim.task, task_knobs=json.dumps(TASK_KNOBS[claim.task]),
                        num_seeds=compare.num_seeds, num_updates=compare.num_updates,
                        learning_rate=compare.learning_rate, warm_start_dir=os.path.join(compare.out, "warm"),
-                       **{**WARM_START, "sft_steps": SFT_STEPS.get(claim.task, WARM_START["sft_steps"])},
+                       **({"sft_steps": SFT_STEPS[claim.task]} if claim.task in SFT_STEPS else {}),
                        **claim.common, **overrides)
 
 
