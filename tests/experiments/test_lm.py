@@ -73,6 +73,28 @@ def _tiny(**fields):
     return lm.LMConfig(**base)
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_dynamic_sampling_fills_the_batch_with_signal(dense):
+    """Every valid group of a dynamically sampled batch has rewards that differ; with exact-match rewards an
+    untrained model has no signal at all, so it uses every round and marks every slot invalid."""
+    config = _tiny(task_knobs=json.dumps({"n_min": 3, "n_max": 4, "dense": dense}), num_prompts=6,
+                   group_size=4, num_minibatches=1, dynamic_sampling=True, max_sampling_rounds=3)
+    task, model = config.make_task(), config.make_model()
+    params = lm.init_params(model, jax.random.PRNGKey(0))
+    collect = jax.jit(lambda p, k: lm.collect(config, task, model, p, k))
+    groups, valid, stats = collect(params, jax.random.PRNGKey(1))
+    spread = np.ptp(np.asarray(groups.reward), axis=1)
+    valid, count = np.asarray(valid), int(np.asarray(valid).sum())
+    assert np.all(spread[valid] > 0) and float(stats["effective_prompts"]) == count
+    assert np.all(valid[:count]) and np.all(np.asarray(groups.mask)[~valid] == 0)  # filled in order
+    assert 1 <= float(stats["sampling_rounds"]) <= 3
+    if dense:  # an untrained model sometimes gets the first digit right: some signal, not always a full batch
+        assert count >= 1 and (count == 6 or float(stats["sampling_rounds"]) == 3)
+    else:
+        assert valid.sum() == 0 and float(stats["sampling_rounds"]) == 3
+        assert float(stats["zero_variance_groups"]) == 1.0
+
+
 @pytest.fixture
 def compilation_cache(tmp_path):
     """A persistent compilation cache for one test: the three runs of the resume test compile the same
