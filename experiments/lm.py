@@ -48,7 +48,7 @@ from flax import struct  # noqa: E402
 
 from envs import text_tasks  # noqa: E402
 from experiments import runs  # noqa: E402
-from polygrad import grpo, returns, sampling, updates  # noqa: E402
+from polygrad import grpo, losses, returns, sampling, updates  # noqa: E402
 from polygrad.transformer import TransformerLM, init_params  # noqa: E402
 
 BASELINES = ("reinforce", "rloo", "ppo")
@@ -371,10 +371,6 @@ def token_gae(rewards, values, mask, lam: float):
     return advantages, (advantages + values) * mask
 
 
-def _masked_mean(x, mask):
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def _length_bucket_variances(log_ratio, mask, lengths, max_len: int) -> dict[str, jax.Array]:
     """Variance of the token ratios and of GSPO's sequence ratios (003 eq. 93/107) per response-length
     bucket (NUM_LENGTH_BUCKETS equal bins of [1, max_len]) and the bucket's share of the responses; an
@@ -391,8 +387,8 @@ def _length_bucket_variances(log_ratio, mask, lengths, max_len: int) -> dict[str
         seq_mean = jnp.sum(jnp.where(rows, seq_ratio, 0.0)) / jnp.maximum(n_rows, 1)
         seq_var = jnp.sum(jnp.where(rows, (seq_ratio - seq_mean) ** 2, 0.0)) / jnp.maximum(n_rows, 1)
         tok_mask = mask * rows[:, None]
-        tok_mean = _masked_mean(token_ratio, tok_mask)
-        tok_var = _masked_mean((token_ratio - tok_mean) ** 2, tok_mask)
+        tok_mean = losses.masked_mean(token_ratio, tok_mask)
+        tok_var = losses.masked_mean((token_ratio - tok_mean) ** 2, tok_mask)
         out[f"seq_ratio_var_len{b}"] = seq_var
         out[f"token_ratio_var_len{b}"] = tok_var
         out[f"share_len{b}"] = n_rows / jnp.maximum(jnp.sum(valid_row), 1)
@@ -457,8 +453,8 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
         ref = teacher_forced(ref_params, flat.prompts, flat.tokens)
         advantages, value_targets = advantages_of(groups, mask, old.values)
         if config.algo == "ppo":
-            mean = _masked_mean(advantages, mask)
-            std = jnp.sqrt(_masked_mean((advantages - mean) ** 2, mask))
+            mean = losses.masked_mean(advantages, mask)
+            std = jnp.sqrt(losses.masked_mean((advantages - mean) ** 2, mask))
             advantages = (advantages - mean) / (std + 1e-8) * mask
 
         def minibatch_loss(params, rows):
@@ -494,13 +490,13 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
         wrong = (1.0 - flat.correct.astype(jnp.float32)) * row
         length = flat.lengths.astype(jnp.float32)
         metrics = {
-            "reward": _masked_mean(flat.reward, row),
-            "pass1_train": _masked_mean(correct, row),
-            "response_length": _masked_mean(length, row),
+            "reward": losses.masked_mean(flat.reward, row),
+            "pass1_train": losses.masked_mean(correct, row),
+            "response_length": losses.masked_mean(length, row),
             "length_correct": jnp.sum(length * correct) / jnp.maximum(jnp.sum(correct), 1.0),
             "length_incorrect": jnp.sum(length * wrong) / jnp.maximum(jnp.sum(wrong), 1.0),
-            "truncation_rate": _masked_mean(flat.truncated.astype(jnp.float32), row),
-            "sample_entropy": _masked_mean(flat.entropies, response_mask),
+            "truncation_rate": losses.masked_mean(flat.truncated.astype(jnp.float32), row),
+            "sample_entropy": losses.masked_mean(flat.entropies, response_mask),
             **stats,
             **loss_metrics,
             **ratio_stats,
@@ -554,7 +550,7 @@ def evaluate(task, model: TransformerLM, params, ref_params, key, num_prompts: i
         "length_correct": jnp.sum(length * correct) / jnp.maximum(jnp.sum(correct), 1.0),
         "length_incorrect": jnp.sum(length * (1 - correct)) / jnp.maximum(jnp.sum(1 - correct), 1.0),
         "truncation_rate": jnp.mean(flat.truncated.astype(jnp.float32)),
-        "entropy": _masked_mean(flat.entropies, flat.mask),
+        "entropy": losses.masked_mean(flat.entropies, flat.mask),
         "kl_ref_per_response": jnp.mean(jnp.sum((flat.log_probs - ref.log_probs) * flat.mask, axis=1)),
     }
 

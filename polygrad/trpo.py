@@ -30,11 +30,6 @@ from polygrad import importance, losses, returns, trust_region, updates
 from polygrad.types import Trajectory
 
 
-def _flatten_time_batch(tree: Any) -> Any:
-    """`[T, B, ...]` leaves -> `[T * B, ...]`."""
-    return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1], *x.shape[2:])), tree)
-
-
 def policy_objectives(
     apply_fn: Callable[[Any, jax.Array], tuple[Any, jax.Array]],
     params: Any,
@@ -140,8 +135,10 @@ def make_trust_region_learner(
         advantages = returns.gae(
             traj.rewards, traj.values, traj.next_values, traj.terminated, traj.truncated, gamma, gae_lambda
         )
-        batch = _flatten_time_batch({"obs": traj.obs, "actions": traj.actions, "advantages": advantages,
-                                     "targets": advantages + traj.values, "values": traj.values})
+        batch = updates.flatten_time_batch({
+            "obs": traj.obs, "actions": traj.actions, "advantages": advantages,
+            "targets": advantages + traj.values, "values": traj.values,
+        })
         policy_advantages = batch["advantages"]
         if normalize_advantages:
             policy_advantages = losses.normalize_advantages(policy_advantages)

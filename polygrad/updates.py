@@ -55,7 +55,7 @@ def make_optimizer(
     return optax.chain(*parts, optax.adam(lr, eps=eps))
 
 
-def _flatten_time_batch(tree: Any) -> Any:
+def flatten_time_batch(tree: Any) -> Any:
     """`[T, B, ...]` leaves -> `[T * B, ...]`."""
     return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1], *x.shape[2:])), tree)
 
@@ -166,12 +166,12 @@ def make_ppo(
 
     def update(state, traj, key):
         advantages, targets = _gae_batch(traj, gamma, gae_lambda)
-        batch = _flatten_time_batch({
+        batch = flatten_time_batch({
             "obs": traj.obs, "actions": traj.actions, "old_log_probs": traj.log_probs,
             "advantages": advantages, "targets": targets, "old_values": traj.values,
         })
         if kl_penalty:
-            batch["old_policy"] = _flatten_time_batch(traj.extras["policy"])
+            batch["old_policy"] = flatten_time_batch(traj.extras["policy"])
         beta = state.aux.get("kl_beta")
         params, opt_state, metrics = minibatch_epochs(
             functools.partial(loss_fn, beta=beta), tx, state.params, state.opt_state, batch, key,
@@ -227,7 +227,7 @@ def make_a2c(
                 traj.rewards, traj.next_values, traj.terminated, traj.truncated, gamma, n_step
             )
             advantages = targets - traj.values
-        batch = _flatten_time_batch(
+        batch = flatten_time_batch(
             {"obs": traj.obs, "actions": traj.actions, "advantages": advantages, "targets": targets}
         )
         params, opt_state, metrics = _gradient_step(loss_fn, tx, state.params, state.opt_state, batch)
@@ -281,7 +281,7 @@ def make_reinforce(
             next_values=traj.next_values * traj.truncated if baseline else None,
         )
         mask = complete_episode_mask(traj.terminated, traj.truncated)
-        batch = _flatten_time_batch(
+        batch = flatten_time_batch(
             {"obs": traj.obs, "actions": traj.actions, "returns": reward_to_go, "mask": mask}
         )
         params, opt_state, metrics = _gradient_step(loss_fn, tx, state.params, state.opt_state, batch)
