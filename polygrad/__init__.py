@@ -1,22 +1,27 @@
 """polygrad: policy-gradient reinforcement learning as small pure JAX functions.
 
-Modules (import the one you need, e.g. `from polygrad import returns`):
+The tree shows the layers:
 
-- `returns`: discounted returns, TD errors, n-step and lambda-returns, GAE (time-major `[T, ...]`).
-- `importance`: importance ratios, trajectory weights, ordinary / per-decision / self-normalised IS,
-  capped weights, effective sample size.
-- `distributions`: categorical and diagonal-Gaussian log-probs, entropy, exact KL; sampled KL k1/k2/k3.
-- `advantages`: group-relative advantages for `[num_prompts, group_size]` rewards.
-- `types`: the `Trajectory` batch shared by rollouts and losses.
-- `tabular`: exact analysis of finite MDPs (V, Q, A, occupancy, J, surrogate / distribution-shift
-  penalty / performance difference, CPI, exact softmax policy gradient, Fisher matrix, natural
-  gradient, episode sampler): the ground truth for the sampled estimators.
-- `networks`, `rollout`, `losses`, `updates`: classic-control actor-critic pieces (REINFORCE, A2C, PPO).
-- `trust_region`, `trpo`: conjugate gradient, Fisher-vector products, TRPO and natural-gradient steps.
-- `grpo`: the GRPO family as parts (ratio, gate, aggregation, KL) and presets.
-- `transformer`, `sampling`: a small causal transformer LM and cached autoregressive sampling.
+- `estimators/`: returns and GAE, importance sampling, distributions, group advantages, statistics.
+- `losses/`: one vocabulary of parts (ratio, gate, aggregation, KL, value, entropy) and the presets of
+  every method, REINFORCE to PPO and the GRPO family.
+- `control/`: actor-critic networks, `lax.scan` rollouts, learners that take a loss, the TRPO/NPG learner.
+- `lm/`: a small causal transformer, KV-cache sampling, group generation, scoring and evaluation.
+- `trust_region`: conjugate gradient, Fisher-vector products, TRPO and natural-gradient steps.
+- `tabular`: exact analysis of finite MDPs, the ground truth of the sampled estimators.
+- `optim`: the optimiser and the one gradient-step / minibatch loop every learner uses.
+- `validate`: the one validation helper of configs and hyperparameters.
 
+`from polygrad import returns, importance, distributions, advantages, grpo, tabular, trust_region` keeps
+working: the estimators are re-exported here and `grpo` re-exports the GRPO-family names of `losses`.
 The README lists the whole public API, module by module.
 """
 
-__version__ = "0.1.0"
+from polygrad import estimators, losses, optim, tabular, trust_region, validate
+from polygrad.estimators import advantages, distributions, importance, returns, statistics
+from polygrad import grpo  # noqa: E402  (after losses, which it re-exports)
+
+__version__ = "0.2.0"
+
+__all__ = ["advantages", "distributions", "estimators", "grpo", "importance", "losses", "optim", "returns",
+           "statistics", "tabular", "trust_region", "validate"]

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from polygrad import validate
+
 Params = Any
 Metrics = dict[str, jax.Array]
 
@@ -119,44 +121,32 @@ def fisher_vector_product(
 
 @dataclasses.dataclass(frozen=True)
 class TrustRegionConfig:
-    """Hyperparameters of a TRPO / NPG step (003 section 4.6.4).
-
-    Attributes:
-      max_kl: delta, the trust-region radius on the batch-mean KL (eqs. 70 and 74).
-      cg_iterations: conjugate-gradient iterations (Fisher-vector products) for A s = g (eq. 73).
-      cg_residual_tol: CG stops early once the residual norm is at most this.
-      damping: multiple of the identity added to the Fisher matrix A (CG and s^T A s both use A + damping I).
-      backtrack_factor: xi in (0, 1), the shrink factor of the line search (step 5 of 4.6.4).
-      max_backtracks: number of candidates beta s, xi beta s, xi^2 beta s, ... tried before giving up.
-      line_search: "sequential" evaluates the candidates one by one in a ``lax.while_loop`` and stops at the
-        first accepted one (cheapest on CPU); "parallel" evaluates all of them at once with ``vmap`` and
-        picks the first accepted one (no sequential dependency, better on accelerators). Both accept the
-        same candidate.
-    """
+    """Hyperparameters of a TRPO / NPG step (Schulman et al. 2015, appendix C; 003 section 4.6.4)."""
 
     max_kl: float = 0.01
+    """delta, the trust-region radius on the batch-mean KL(pi_old || pi) (eqs. 70 and 74)."""
     cg_iterations: int = 10
+    """conjugate-gradient iterations (Fisher-vector products) for A s = g (eq. 73)."""
     cg_residual_tol: float = 1e-5
+    """CG stops early once the residual norm is at most this."""
     damping: float = 0.1
-    backtrack_factor: float = 0.5
+    """multiple of the identity added to the Fisher matrix (CG and s^T A s both use A + damping I)."""
+    backtrack_factor: float = 0.8
+    """xi in (0, 1), the shrink factor of the line search (step 5 of 4.6.4)."""
     max_backtracks: int = 10
-    line_search: Literal["sequential", "parallel"] = "sequential"
+    """candidates beta s, xi beta s, xi^2 beta s, ... tried before giving up."""
+    line_search: Literal["sequential", "parallel", "none"] = "sequential"
+    """sequential (a lax.while_loop, stops at the first accepted step; cheapest on CPU), parallel (all
+    candidates at once with vmap; no sequential dependency) or none (the natural policy gradient step)."""
 
     def __post_init__(self):
-        if not self.max_kl > 0:
-            raise ValueError(f"max_kl must be > 0, got {self.max_kl}")
-        if self.cg_iterations < 1:
-            raise ValueError(f"cg_iterations must be >= 1, got {self.cg_iterations}")
-        if self.cg_residual_tol < 0:
-            raise ValueError(f"cg_residual_tol must be >= 0, got {self.cg_residual_tol}")
-        if self.damping < 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping}")
-        if not 0 < self.backtrack_factor < 1:
-            raise ValueError(f"backtrack_factor must be in (0, 1), got {self.backtrack_factor}")
-        if self.max_backtracks < 1:
-            raise ValueError(f"max_backtracks must be >= 1, got {self.max_backtracks}")
-        if self.line_search not in ("sequential", "parallel"):
-            raise ValueError(f"line_search must be 'sequential' or 'parallel', got {self.line_search!r}")
+        validate.positive("max_kl", self.max_kl)
+        validate.integer("cg_iterations", self.cg_iterations, minimum=1)
+        validate.non_negative("cg_residual_tol", self.cg_residual_tol)
+        validate.non_negative("damping", self.damping)
+        validate.in_range("backtrack_factor", self.backtrack_factor, 0.0, 1.0, low_open=True, high_open=True)
+        validate.integer("max_backtracks", self.max_backtracks, minimum=1)
+        validate.one_of("line_search", self.line_search, ("sequential", "parallel", "none"))
 
 
 def _tree_all_finite(tree: Params) -> jax.Array:

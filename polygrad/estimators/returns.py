@@ -10,6 +10,10 @@ in reinforcement learning"):
   time limit cut off;
 - neither lets a return or a lambda-trace cross into the next episode.
 
+`gamma` is a scalar or a per-step discount `[T, ...]` (gamma_t multiplies what follows step t), so the
+same functions compute token-level GAE for language models, where the discount is 0 after the last token
+of a response (`polygrad.lm.token_advantages`). Every function follows the dtype of `rewards`.
+
 `next_values[t]` is V(s_{t+1}) of the *true* successor of s_t. Where step t did not end an episode this
 is simply `values[t + 1]`; at the last step of the batch it is the value of the observation the rollout
 stopped on. The last step of the batch bootstraps from `next_values[T - 1]` unless it terminated.
@@ -26,12 +30,20 @@ def _check_time_major(rewards: jax.Array, *others: jax.Array | None) -> None:
     chex.assert_equal_shape([rewards, *[x for x in others if x is not None]])
 
 
-def _flags(terminated: jax.Array, truncated: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Float (not_terminated, not_done) masks from bool or float episode-end flags."""
-    terminated = jnp.asarray(terminated, jnp.float32)
-    truncated = jnp.asarray(truncated, jnp.float32)
+def _flags(terminated: jax.Array, truncated: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(not_terminated, not_done) masks in `dtype` from bool or float episode-end flags."""
+    terminated = jnp.asarray(terminated, dtype)
+    truncated = jnp.asarray(truncated, dtype)
     done = jnp.maximum(terminated, truncated)
     return 1.0 - terminated, 1.0 - done
+
+
+def _discounts(gamma: float | jax.Array, rewards: jax.Array) -> jax.Array:
+    """gamma as a `[T, ...]` array of the dtype of `rewards` (a scalar is broadcast)."""
+    gamma = jnp.asarray(gamma, rewards.dtype)
+    if gamma.ndim:
+        chex.assert_equal_shape([gamma, rewards])
+    return jnp.broadcast_to(gamma, rewards.shape)
 
 
 def td_errors(
@@ -39,7 +51,7 @@ def td_errors(
     values: jax.Array,
     next_values: jax.Array,
     terminated: jax.Array,
-    gamma: float,
+    gamma: float | jax.Array,
 ) -> jax.Array:
     """One-step TD errors delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t).
 
@@ -47,14 +59,14 @@ def td_errors(
 
     Args:
       rewards, values, next_values, terminated: `[T, ...]`.
-      gamma: discount factor.
+      gamma: discount factor, a scalar or per step `[T, ...]`.
 
     Returns:
       `[T, ...]` TD errors.
     """
     _check_time_major(rewards, values, next_values, terminated)
-    not_terminated = 1.0 - jnp.asarray(terminated, jnp.float32)
-    return rewards + gamma * not_terminated * next_values - values
+    not_terminated = 1.0 - jnp.asarray(terminated, rewards.dtype)
+    return rewards + _discounts(gamma, rewards) * not_terminated * next_values - values
 
 
 def lambda_returns(
@@ -62,7 +74,7 @@ def lambda_returns(
     next_values: jax.Array,
     terminated: jax.Array,
     truncated: jax.Array,
-    gamma: float,
+    gamma: float | jax.Array,
     lam: float,
 ) -> jax.Array:
     """TD(lambda) returns G^lambda_t, computed backwards within each episode.
@@ -75,25 +87,26 @@ def lambda_returns(
 
     Args:
       rewards, next_values, terminated, truncated: `[T, ...]`.
-      gamma: discount factor.
+      gamma: discount factor, a scalar or per step `[T, ...]`.
       lam: trace parameter in [0, 1].
 
     Returns:
       `[T, ...]` lambda-returns.
     """
     _check_time_major(rewards, next_values, terminated, truncated)
-    not_terminated, not_done = _flags(terminated, truncated)
+    not_terminated, not_done = _flags(terminated, truncated, rewards.dtype)
     last = jnp.zeros_like(rewards[0])
 
     def step(g_next, xs):
-        r, v_next, nt, nd = xs
+        r, v_next, nt, nd, discount = xs
         trace = lam * nd
-        g = r + gamma * nt * ((1.0 - trace) * v_next + trace * g_next)
+        g = r + discount * nt * ((1.0 - trace) * v_next + trace * g_next)
         return g, g
 
     # The carried G_{T} never matters: at the last step the trace is forced to 0 below.
     not_done = not_done.at[-1].set(0.0)
-    _, g = jax.lax.scan(step, last, (rewards, next_values, not_terminated, not_done), reverse=True)
+    xs = (rewards, next_values, not_terminated, not_done, _discounts(gamma, rewards))
+    _, g = jax.lax.scan(step, last, xs, reverse=True)
     return g
 
 
@@ -101,7 +114,7 @@ def discounted_returns(
     rewards: jax.Array,
     terminated: jax.Array,
     truncated: jax.Array,
-    gamma: float,
+    gamma: float | jax.Array,
     next_values: jax.Array | None = None,
 ) -> jax.Array:
     """Discounted reward-to-go G_t = sum_k gamma^k r_{t+k}, within each episode of the batch.
@@ -113,7 +126,7 @@ def discounted_returns(
 
     Args:
       rewards, terminated, truncated: `[T, ...]`.
-      gamma: discount factor.
+      gamma: discount factor, a scalar or per step `[T, ...]`.
       next_values: optional `[T, ...]` bootstrap values of each step's true successor.
 
     Returns:
@@ -141,7 +154,7 @@ def n_step_returns(
 
     Args:
       rewards, next_values, terminated, truncated: `[T, ...]`.
-      gamma: discount factor.
+      gamma: discount factor (a scalar).
       n: number of steps, a Python int >= 1.
 
     Returns:
@@ -150,7 +163,7 @@ def n_step_returns(
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n_step_returns needs an integer n >= 1, got {n!r}")
     _check_time_major(rewards, next_values, terminated, truncated)
-    not_terminated, not_done = _flags(terminated, truncated)
+    not_terminated, not_done = _flags(terminated, truncated, rewards.dtype)
     horizon = rewards.shape[0]
     n = min(n, horizon)
 
@@ -183,7 +196,7 @@ def gae(
     next_values: jax.Array,
     terminated: jax.Array,
     truncated: jax.Array,
-    gamma: float,
+    gamma: float | jax.Array,
     lam: float,
 ) -> jax.Array:
     """Generalised advantage estimates A_t = sum_k (gamma lam)^k delta_{t+k}, within each episode.
@@ -195,7 +208,7 @@ def gae(
 
     Args:
       rewards, values, next_values, terminated, truncated: `[T, ...]`.
-      gamma: discount factor.
+      gamma: discount factor, a scalar or per step `[T, ...]`.
       lam: GAE parameter in [0, 1].
 
     Returns:
@@ -203,12 +216,13 @@ def gae(
     """
     _check_time_major(rewards, values, next_values, terminated, truncated)
     deltas = td_errors(rewards, values, next_values, terminated, gamma)
-    _, not_done = _flags(terminated, truncated)
+    _, not_done = _flags(terminated, truncated, rewards.dtype)
 
     def step(a_next, xs):
-        delta, nd = xs
-        a = delta + gamma * lam * nd * a_next
+        delta, nd, discount = xs
+        a = delta + discount * lam * nd * a_next
         return a, a
 
-    _, advantages = jax.lax.scan(step, jnp.zeros_like(rewards[0]), (deltas, not_done), reverse=True)
+    xs = (deltas, not_done, _discounts(gamma, rewards))
+    _, advantages = jax.lax.scan(step, jnp.zeros_like(rewards[0]), xs, reverse=True)
     return advantages

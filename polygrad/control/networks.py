@@ -1,4 +1,4 @@
-"""MLP actor-critic networks (Flax linen) and the two policy distributions they output.
+"""MLP actor-critic networks (Flax linen) outputting a `Categorical` or `DiagGaussian` policy.
 
 The network maps observations `[..., obs_dim]` to a policy distribution and a state value `[...]`.
 The distributions are small pytrees (`flax.struct` dataclasses) whose methods call
@@ -21,61 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from polygrad import distributions
+from polygrad.estimators.distributions import Categorical, DiagGaussian, Distribution
 
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
 
-@struct.dataclass
-class Categorical:
-    """Categorical distribution over the last axis of `logits` `[..., A]`; actions are ints `[...]`."""
-
-    logits: jax.Array
-
-    def sample(self, key: jax.Array) -> jax.Array:
-        return distributions.categorical_sample(key, self.logits)
-
-    def log_prob(self, actions: jax.Array) -> jax.Array:
-        return distributions.categorical_log_prob(self.logits, actions)
-
-    def entropy(self) -> jax.Array:
-        return distributions.categorical_entropy(self.logits)
-
-    def kl(self, other: Categorical) -> jax.Array:
-        """Exact KL(self || other), `[...]`."""
-        return distributions.categorical_kl(self.logits, other.logits)
-
-    def mode(self) -> jax.Array:
-        return jnp.argmax(self.logits, axis=-1)
-
-
-@struct.dataclass
-class DiagGaussian:
-    """Diagonal Gaussian with `mean` `[..., D]` and `log_std` `[..., D]`; actions are `[..., D]`."""
-
-    mean: jax.Array
-    log_std: jax.Array
-
-    def sample(self, key: jax.Array) -> jax.Array:
-        return distributions.gaussian_sample(key, self.mean, self.log_std)
-
-    def log_prob(self, actions: jax.Array) -> jax.Array:
-        return distributions.gaussian_log_prob(self.mean, self.log_std, actions)
-
-    def entropy(self) -> jax.Array:
-        return distributions.gaussian_entropy(self.mean, self.log_std)
-
-    def kl(self, other: DiagGaussian) -> jax.Array:
-        """Exact KL(self || other), `[...]`."""
-        return distributions.gaussian_kl(self.mean, self.log_std, other.mean, other.log_std)
-
-    def mode(self) -> jax.Array:
-        return self.mean
-
-
-Distribution = Categorical | DiagGaussian
 
 
 class MLP(nn.Module):

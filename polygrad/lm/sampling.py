@@ -18,7 +18,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from polygrad.transformer import TransformerLM
+from polygrad.lm.transformer import TransformerLM
 
 
 class Completion(NamedTuple):

@@ -19,8 +19,38 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from polygrad.networks import Distribution
-from polygrad.types import Trajectory
+from flax import struct
+
+from polygrad.estimators.distributions import Distribution
+
+@struct.dataclass
+class Trajectory:
+    """A time-major batch of transitions. Every leaf has leading axes `[T, B]`.
+
+    Attributes:
+      obs: observations s_t, `[T, B, *obs_shape]`.
+      actions: actions a_t, `[T, B]` (discrete) or `[T, B, action_dim]` (continuous).
+      rewards: rewards r_t, `[T, B]`.
+      terminated: 1 where s_{t+1} is terminal (no bootstrapping), `[T, B]`.
+      truncated: 1 where the episode was cut by a time limit after step t (bootstrap from
+        `next_values`), `[T, B]`. A step is never both.
+      log_probs: log pi_old(a_t | s_t) of the behaviour policy, `[T, B]`.
+      values: V(s_t) under the critic that collected the data, `[T, B]`.
+      next_values: V(s_{t+1}) of the true successor of s_t, `[T, B]`.
+      extras: any other per-step arrays a rollout wants to keep (e.g. policy parameters of a
+        Gaussian head for exact KL), a dict of `[T, B, ...]` arrays.
+    """
+
+    obs: jax.Array
+    actions: jax.Array
+    rewards: jax.Array
+    terminated: jax.Array
+    truncated: jax.Array
+    log_probs: jax.Array
+    values: jax.Array
+    next_values: jax.Array
+    extras: dict[str, Any] = struct.field(default_factory=dict)
+
 
 EnvStep = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any, jax.Array, jax.Array, jax.Array, dict]]
 

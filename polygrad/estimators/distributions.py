@@ -6,13 +6,16 @@ estimators of KL(p || ref) from per-sample log-probabilities of samples x ~ p (S
 "Approximating KL divergence"; 003 eq. 87 uses k1, DeepSeekMath uses k3).
 """
 
+from __future__ import annotations
+
 import math
 
 import chex
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from polygrad.importance import DEFAULT_LOG_RATIO_CLIP
+from polygrad.estimators.importance import DEFAULT_LOG_RATIO_CLIP
 
 # --- categorical --------------------------------------------------------------------------------
 
@@ -117,3 +120,56 @@ def kl_k3(logp: jax.Array, logp_ref: jax.Array, clip: float = DEFAULT_LOG_RATIO_
     """k3 = r - 1 - log r with r = ref(x)/p(x), elementwise; unbiased, non-negative, for KL(p || ref)."""
     log_r = _log_ref_ratio(logp, logp_ref, clip)
     return jnp.expm1(log_r) - log_r
+
+
+# --- distribution objects (what a policy network outputs) ---------------------------------------
+
+
+@struct.dataclass
+class Categorical:
+    """Categorical distribution over the last axis of `logits` `[..., A]`; actions are ints `[...]`."""
+
+    logits: jax.Array
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        return categorical_sample(key, self.logits)
+
+    def log_prob(self, actions: jax.Array) -> jax.Array:
+        return categorical_log_prob(self.logits, actions)
+
+    def entropy(self) -> jax.Array:
+        return categorical_entropy(self.logits)
+
+    def kl(self, other: Categorical) -> jax.Array:
+        """Exact KL(self || other), `[...]`."""
+        return categorical_kl(self.logits, other.logits)
+
+    def mode(self) -> jax.Array:
+        return jnp.argmax(self.logits, axis=-1)
+
+
+@struct.dataclass
+class DiagGaussian:
+    """Diagonal Gaussian with `mean` `[..., D]` and `log_std` `[..., D]`; actions are `[..., D]`."""
+
+    mean: jax.Array
+    log_std: jax.Array
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        return gaussian_sample(key, self.mean, self.log_std)
+
+    def log_prob(self, actions: jax.Array) -> jax.Array:
+        return gaussian_log_prob(self.mean, self.log_std, actions)
+
+    def entropy(self) -> jax.Array:
+        return gaussian_entropy(self.mean, self.log_std)
+
+    def kl(self, other: DiagGaussian) -> jax.Array:
+        """Exact KL(self || other), `[...]`."""
+        return gaussian_kl(self.mean, self.log_std, other.mean, other.log_std)
+
+    def mode(self) -> jax.Array:
+        return self.mean
+
+
+Distribution = Categorical | DiagGaussian

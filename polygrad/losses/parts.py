@@ -1,21 +1,27 @@
-"""The orthogonal parts of a GRPO-family loss: ratio, gate, aggregation and KL to a reference.
+"""The orthogonal parts of every policy-gradient loss: ratio, gate, aggregation, KL terms.
 
-A loss is `aggregate(-gate(ratio(log r), A) + beta * KL - c_H * H)` over a `[B, T]` batch of responses
-with a response mask (003 section 5). Each part is a small frozen dataclass with a `__call__`, so a
-preset is a configuration of parts (see `presets.py`) and a new idea is a new part: any object with the
-same call signature can be dropped into a `LossConfig`.
+A loss is `aggregate(-gate(ratio(log r), A) + beta_ref KL_ref + beta_old KL_old - c_H H + c_V V)` over a
+`[B, T]` batch with a mask (003 sections 3 to 5): REINFORCE and A2C (score-function gate), PPO-clip and
+the GRPO family (hard clip, soft gate, clipped IS weight), PPO-KL (no gate, KL to the old policy with an
+adaptive coefficient). Each part is a small frozen dataclass, so a preset is a configuration of parts
+(see `presets.py`) and a new idea is a new part: any object with the same call signature can be dropped
+into a `LossConfig`, and its fields are reachable from the experiments' command lines.
 
-Shapes: `B` responses (prompts x group size, flattened), `T` padded response length. Every per-token
-quantity is `[B, T]`; per-sequence advantages `[B]` are broadcast to `[B, T]` before the parts see them.
+Shapes: `B` responses (prompts x group size, flattened) or control samples, `T` padded response length
+(1 for control). Every per-token quantity is `[B, T]`; per-sequence advantages `[B]` are broadcast to
+`[B, T]` before the parts see them.
 
 Ratio parts      `(log_ratio, mask, advantages) -> RatioOut`
                  token r_t (eq. 92), sequence geometric mean s_i (eq. 93, 107; GSPO), GMPO's geometric
                  mean of token-clipped ratios.
 Gate parts       `(log_ratio, advantages, logp_new) -> GateOut`
                  hard clip with eps_low / eps_high and optional dual clip (eq. 96, 101), SAPO's soft
-                 gate (eq. 117-118), CISPO's clipped stop-gradient IS weight, and no gate (plain IS).
+                 gate (eq. 117-118), CISPO's clipped stop-gradient IS weight, no gate (plain IS), and the
+                 score function A log pi (REINFORCE, A2C).
 Aggregations     `token_weights(mask) -> [B, T]`, `normaliser(mask) -> scalar`; loss = sum(w * L) / N.
-KL estimators    `KL_ESTIMATORS[name](logp_new, logp_ref) -> [B, T]`.
+KL estimators    `KL_ESTIMATORS[name](logp_new, logp_ref) -> [B, T]` (KL to the reference policy).
+KL to pi_old     `KLToOld(coef, target, ...)`: PPO's KL penalty, fixed or adaptive (the coefficient is
+                 learner state, adapted by `adapt_kl_coef`).
 
 The "gate" reported by every gate part is the factor g in d objective / d theta = g * r * A * grad log pi
 (003 eq. 116 and 121): 0/1 for the hard clip, sech^2(tau (r - 1) / 2) for SAPO, clip(r) / r for CISPO.
@@ -29,7 +35,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from polygrad import distributions
+from polygrad import validate
+from polygrad.estimators import distributions
 
 # --- ratios -------------------------------------------------------------------------------------
 
@@ -97,8 +104,8 @@ class GeometricMeanClippedRatio:
     clip_log_high: float = 0.4
 
     def __post_init__(self):
-        if self.clip_log_low <= 0 or self.clip_log_high <= 0:
-            raise ValueError(f"GMPO clip ranges must be > 0, got {self.clip_log_low}, {self.clip_log_high}")
+        validate.positive("GeometricMeanClippedRatio.clip_log_low", self.clip_log_low)
+        validate.positive("GeometricMeanClippedRatio.clip_log_high", self.clip_log_high)
 
     def __call__(self, log_ratio: jax.Array, mask: jax.Array, advantages: jax.Array) -> RatioOut:
         clipped_high = (advantages > 0) & (log_ratio > self.clip_log_high)
@@ -144,13 +151,12 @@ class HardClip:
     dual_clip: float | None = None
 
     def __post_init__(self):
-        if not 0.0 < self.eps_low < 1.0:
-            raise ValueError(f"eps_low must be in (0, 1), got {self.eps_low}")
-        if self.eps_high is not None and self.eps_high <= 0.0:
-            raise ValueError(f"eps_high must be > 0, got {self.eps_high}")
+        validate.in_range("HardClip.eps_low", self.eps_low, 0.0, 1.0, low_open=True, high_open=True)
+        if self.eps_high is not None:
+            validate.positive("HardClip.eps_high", self.eps_high)
         upper = 1.0 + (self.eps_low if self.eps_high is None else self.eps_high)
-        if self.dual_clip is not None and self.dual_clip <= upper:
-            raise ValueError(f"dual_clip must exceed 1 + eps_high = {upper}, got {self.dual_clip}")
+        if self.dual_clip is not None:
+            validate.greater("HardClip.dual_clip (must exceed 1 + eps_high)", self.dual_clip, upper)
 
     def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array) -> GateOut:
         del logp_new
@@ -183,8 +189,8 @@ class SoftGate:
     tau_neg: float = 1.05
 
     def __post_init__(self):
-        if self.tau_pos <= 0 or self.tau_neg <= 0:
-            raise ValueError(f"SAPO temperatures must be > 0, got {self.tau_pos}, {self.tau_neg}")
+        validate.positive("SoftGate.tau_pos", self.tau_pos)
+        validate.positive("SoftGate.tau_neg", self.tau_neg)
 
     def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array) -> GateOut:
         del logp_new
@@ -213,10 +219,9 @@ class ClippedISWeight:
     eps_high: float = 4.0
 
     def __post_init__(self):
-        if self.eps_low is not None and not 0.0 < self.eps_low <= 1.0:
-            raise ValueError(f"eps_low must be in (0, 1] or None, got {self.eps_low}")
-        if self.eps_high <= 0.0:
-            raise ValueError(f"eps_high must be > 0, got {self.eps_high}")
+        if self.eps_low is not None:
+            validate.in_range("ClippedISWeight.eps_low", self.eps_low, 0.0, 1.0, low_open=True)
+        validate.positive("ClippedISWeight.eps_high", self.eps_high)
 
     def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array) -> GateOut:
         ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))
@@ -240,6 +245,19 @@ class NoGate:
         ratio = jnp.exp(log_ratio)
         no = _no_clip(ratio)
         return GateOut(ratio * advantages, jnp.ones_like(ratio), no, no, no)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreFunction:
+    """The score-function objective A log pi, whose gradient is A grad log pi (Williams 1992; 003 eq. 38
+    and 45): REINFORCE, A2C and GPG. It ignores the ratio, so it is only the policy gradient on on-policy
+    data (one step per batch); `gate` reports 1 / r (1 on-policy) so that g r = 1 as for every gate.
+    """
+
+    def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array) -> GateOut:
+        ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))
+        no = _no_clip(ratio)
+        return GateOut(advantages * logp_new, 1.0 / ratio, no, no, no)
 
 
 # --- aggregations -------------------------------------------------------------------------------
@@ -313,8 +331,8 @@ class SeqMeanTokenSumNorm:
     name = "seq_mean_token_sum_norm"
 
     def __post_init__(self):
-        if self.constant is not None and self.constant <= 0:
-            raise ValueError(f"the Dr. GRPO normalising constant must be > 0, got {self.constant}")
+        if self.constant is not None:
+            validate.positive("SeqMeanTokenSumNorm.constant", self.constant)
 
     def token_weights(self, mask: jax.Array) -> jax.Array:
         constant = mask.shape[-1] if self.constant is None else self.constant
@@ -381,3 +399,52 @@ KL_ESTIMATORS = {
     "k3": distributions.kl_k3,
     "k3_value_k2_grad": kl_k3_value_k2_gradient,
 }
+
+
+# --- KL to the old policy (PPO's penalty) ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KLToOld:
+    """PPO's KL penalty coef * KL(pi_old(.|s) || pi_theta(.|s)) per token (Schulman et al. 2017, eq. 8;
+    003 section 4.7.4, "Optional: KL-penalty").
+
+    The per-token KL is the exact one when the caller passes it (`kl_old=`, e.g. from the distributions
+    of a control policy), else the k3 estimate from the sampled log-probs, k3(logp_old, logp_new)
+    (Schulman 2020), which is unbiased for samples of pi_old.
+
+    `target=None` keeps `coef` fixed. With a `target`, the coefficient is adaptive: it is learner state,
+    starts at `coef`, and after each update is divided by `factor` if the measured KL < target /
+    threshold and multiplied by it if KL > target * threshold (Schulman et al. 2017, section 4, with 1.5
+    and 2), then clipped to [min_coef, max_coef] so a long run of small (or large) KLs cannot drive it to
+    0 or to infinity (`adapt_kl_coef`).
+    """
+
+    coef: float = 1.0
+    """initial (or fixed) penalty coefficient beta."""
+    target: float | None = 0.01
+    """target KL d_targ of the adaptive rule (None: fixed coefficient)."""
+    threshold: float = 1.5
+    """adapt when the KL leaves [target / threshold, target * threshold]."""
+    factor: float = 2.0
+    """beta is multiplied or divided by this factor."""
+    min_coef: float = 1e-6
+    max_coef: float = 1e6
+
+    def __post_init__(self):
+        validate.non_negative("KLToOld.coef", self.coef)
+        if self.target is not None:
+            validate.positive("KLToOld.target", self.target)
+        validate.greater("KLToOld.threshold", self.threshold, 1.0)
+        validate.greater("KLToOld.factor", self.factor, 1.0)
+        validate.positive("KLToOld.min_coef", self.min_coef)
+        validate.greater("KLToOld.max_coef", self.max_coef, self.min_coef)
+
+
+def adapt_kl_coef(part: KLToOld, coef: jax.Array, kl: jax.Array) -> jax.Array:
+    """The PPO paper's adaptive penalty rule (section 4) for `part`; the same coefficient if fixed."""
+    if part.target is None:
+        return coef
+    coef = jnp.where(kl < part.target / part.threshold, coef / part.factor, coef)
+    coef = jnp.where(kl > part.target * part.threshold, coef * part.factor, coef)
+    return jnp.clip(coef, part.min_coef, part.max_coef)

@@ -1,0 +1,78 @@
+"""The optimiser and the one gradient-step / minibatch loop that every learner uses.
+
+A loss here is any `loss_fn(params, batch) -> (loss, metrics)` with `batch` a pytree whose leaves share a
+leading axis `[N, ...]`. The control learners, the trust-region value fit, the language-model RL update
+and the supervised warm start all step through `gradient_step` (and `minibatch_epochs`).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from polygrad import validate
+
+LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_optimizer(
+    learning_rate: float,
+    max_grad_norm: float | None,
+    anneal_steps: int | None = None,
+    eps: float = 1e-5,
+) -> optax.GradientTransformation:
+    """Adam (eps 1e-5, as CleanRL) after global-norm gradient clipping (`max_grad_norm`; None or 0: none),
+    with the learning rate annealed linearly to 0 over `anneal_steps` gradient steps if given."""
+    validate.positive("learning_rate", learning_rate)
+    if max_grad_norm:
+        validate.positive("max_grad_norm", max_grad_norm)
+    lr = optax.linear_schedule(learning_rate, 0.0, anneal_steps) if anneal_steps else learning_rate
+    clip = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    return optax.chain(*clip, optax.adam(lr, eps=eps))
+
+
+def gradient_step(
+    loss_fn: LossFn, tx: optax.GradientTransformation, params: Any, opt_state: Any, batch: Any
+) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """One optimiser step on `loss_fn(params, batch)`; the metrics gain `grad_norm` (before clipping)."""
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
+def minibatch_epochs(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    batch: Any,
+    key: jax.Array,
+    num_epochs: int,
+    num_minibatches: int,
+) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """`num_epochs` passes over `batch` (leaves `[N, ...]`), each a fresh random partition into
+    `num_minibatches` minibatches with one gradient step each (Schulman et al. 2017, Algorithm 1;
+    003 section 4.7.4, step 3).
+
+    Returns the parameters, optimiser state and the metrics averaged over all gradient steps.
+    """
+    n = jax.tree.leaves(batch)[0].shape[0]
+    if n % num_minibatches:
+        raise validate.ConfigError(f"batch size {n} is not divisible by num_minibatches={num_minibatches}")
+    size = n // num_minibatches
+
+    def epoch(carry, epoch_key):
+        order = jax.random.permutation(epoch_key, n)
+        minibatches = jax.tree.map(lambda x: x[order].reshape((num_minibatches, size, *x.shape[1:])), batch)
+
+        def step(carry, minibatch):
+            params, opt_state, metrics = gradient_step(loss_fn, tx, *carry, minibatch)
+            return (params, opt_state), metrics
+
+        return jax.lax.scan(step, carry, minibatches)
+
+    (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, num_epochs))
+    return params, opt_state, jax.tree.map(jnp.mean, metrics)
