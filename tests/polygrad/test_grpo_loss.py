@@ -124,7 +124,7 @@ def test_hand_computed_ppo_with_clipped_value_loss():
     values = np.array([[1.0, 2.0], [0.0, 9.0]], np.float32)
     values_old = np.array([[0.5, 2.0], [0.5, 9.0]], np.float32)
     returns = np.array([[0.0, 1.0], [1.0, 9.0]], np.float32)
-    loss, metrics = grpo.make_loss("ppo")(
+    loss, metrics = grpo.make_loss("ppo", normalize_advantages=False, entropy_coef=0.0)(
         HAND_LOGP, np.zeros_like(HAND_LOGP), token_adv, HAND_MASK,
         values=values, values_old=values_old, returns=returns,
     )
@@ -196,12 +196,37 @@ def reference_loss(name, b):
         x_min = sgn * np.minimum(sgn * x, sgn * np.clip(x, -0.4, 0.4))
         ratio = np.exp((x_min * m).sum(-1) / m.sum(-1))
         return np.mean(-A[:, 0] * ratio)
+    # Control presets (PureJaxRL / CleanRL): advantages whitened over the batch with the population std
+    # and eps 1e-8, value loss 0.5 (v - R)^2 (clipped for PPO), entropy bonus, KL(old || new) as k3.
+    active = m > 0
+    token_adv = np.broadcast_to(A, m.shape)
+    mu = token_adv[active].mean()
+    white = (token_adv - mu) / (np.sqrt(((token_adv[active] - mu) ** 2).mean()) + 1e-8)
+    v, v_old, ret = (b[k].astype(np.float64) for k in ("values", "values_old", "returns"))
+    H = b["entropy"].astype(np.float64)
+
+    def token_mean(mat):
+        return (mat * m).sum() / m.sum()
+
+    def seq_mean_token_sum(mat):
+        return (mat * m).sum(-1).mean()
+
     if name == "ppo":  # verl vanilla (token-mean, no dual clip) + 0.5 * verl compute_value_loss
-        per_token = -np.minimum(coef_1 * A, np.clip(coef_1, 0.8, 1.2) * A)
-        v, v_old, ret = (b[k].astype(np.float64) for k in ("values", "values_old", "returns"))
+        per_token = -np.minimum(coef_1 * white, np.clip(coef_1, 0.8, 1.2) * white)
         v_clip = np.clip(v, v_old - 0.2, v_old + 0.2)
-        vf = 0.5 * ((np.maximum((v - ret) ** 2, (v_clip - ret) ** 2)) * m).sum() / m.sum()
-        return (per_token * m).sum() / m.sum() + 0.5 * vf
+        vf = 0.5 * np.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+        return token_mean(per_token + 0.5 * vf - 0.01 * H)
+    if name == "ppo_kl":  # PPO paper eq. 8 with the k3 estimate of KL(old || new), beta = 1
+        k3_old = coef_1 - 1 - np.log(coef_1)
+        return token_mean(-coef_1 * white + 1.0 * k3_old + 0.5 * 0.5 * (v - ret) ** 2 - 0.01 * H)
+    if name == "trpo":  # the surrogate of TRPO eq. 14
+        return token_mean(-coef_1 * white)
+    if name == "reinforce":
+        return seq_mean_token_sum(-white * lp + 0.5 * 0.5 * (v - ret) ** 2)
+    if name == "a2c":
+        return seq_mean_token_sum(-token_adv * lp + 0.5 * 0.5 * (v - ret) ** 2)
+    if name == "rloo":  # unclipped r A, summed over each response, mean over responses
+        return seq_mean_token_sum(-coef_1 * A)
     raise AssertionError(name)
 
 
@@ -345,7 +370,11 @@ def test_on_policy_gradient_is_the_plain_policy_gradient(name):
     loss_fn = grpo.make_loss(name, kl_coef=0.0)
     config = loss_fn.config
     weights = np.asarray(config.aggregation.token_weights(jnp.asarray(b["mask"])))
-    expected = -weights * b["adv"][:, None] / float(config.aggregation.normaliser(jnp.asarray(b["mask"])))
+    adv = np.broadcast_to(b["adv"][:, None], b["mask"].shape).astype(np.float64)
+    if config.normalize_advantages:  # whitened over the active tokens of the batch
+        active = b["mask"] > 0
+        adv = (adv - adv[active].mean()) / (adv[active].std() + 1e-8)
+    expected = -weights * adv / float(config.aggregation.normaliser(jnp.asarray(b["mask"])))
     np.testing.assert_allclose(grad_logp(loss_fn, b), expected, rtol=1e-5, atol=1e-7)
 
 
@@ -356,7 +385,9 @@ def test_on_policy_gradient_is_the_plain_policy_gradient(name):
 @pytest.mark.parametrize("preset", ["grpo", "gspo", "ppo"])
 def test_micro_batch_accumulation_is_exact(aggregation, preset):
     b = random_batch(8, spread=0.3, empty_row=True)
-    loss_fn = grpo.make_loss(preset, aggregation=aggregation, entropy_coef=0.01)
+    # Advantage whitening uses the statistics of the batch the loss sees, so it is the one documented
+    # exception to micro-batch exactness: whiten the full batch's advantages beforehand instead.
+    loss_fn = grpo.make_loss(preset, aggregation=aggregation, entropy_coef=0.01, normalize_advantages=False)
     full_loss, _ = call(loss_fn, b)
     full_grad = grad_logp(loss_fn, b)
     normaliser = grpo.batch_normaliser(loss_fn.config, b["mask"])
@@ -475,14 +506,60 @@ def test_zero_advantage_fraction_counts_groups():
 # --- configuration ------------------------------------------------------------------------------
 
 
-def test_preset_defaults_follow_the_papers():
-    p = grpo.PRESETS
-    assert p["grpo"].gate == grpo.HardClip(0.2, 0.2) and p["grpo"].kl_coef == 0.04
-    assert p["grpo"].kl_estimator == "k3"
-    assert p["dr_grpo"].advantage == "group_centered" and p["dr_grpo"].kl_coef == 0.0
-    assert p["dapo"].gate == grpo.HardClip(0.2, 0.28) and p["dapo"].aggregation == grpo.TokenMean()
-    assert p["gspo"].gate == grpo.HardClip(3e-4, 4e-4) and p["gspo"].ratio == grpo.SequenceRatio()
-    assert p["sapo"].gate == grpo.SoftGate(1.0, 1.05)
+# Every preset with ALL its defaults (clip ranges, KL coefficient and estimator, entropy and value
+# coefficients, value clip, whitening, KL-to-old coefficient) on the hand batch above plus a reference,
+# per-token entropies and a critic. Each default changes the number: a changed constant fails here.
+HAND_D = np.array([[0.1, -0.2], [0.3, 0.0]])  # log(ref / pi)
+HAND_K3 = np.exp(HAND_D) - 1 - HAND_D
+HAND_H = np.array([[1.0, 0.5], [2.0, 0.0]])
+HAND_V = np.array([[1.0, 2.0], [0.0, 9.0]])
+HAND_V_OLD = np.array([[0.5, 2.0], [0.5, 9.0]])
+HAND_RET = np.array([[2.0, 1.0], [1.0, 9.0]])
+# 0.5 (v - R)^2 = 0.5 on the three active tokens; clipped at 0.2 around v_old, token (0, 0) is held at
+# 0.7, 0.5 (0.7 - 2)^2 = 0.845 > 0.5 wins.
+VF = np.array([0.5, 0.5, 0.5])
+VF_CLIPPED = np.array([0.845, 0.5, 0.5])
+# Per-token advantages (+1, +1, -1) whitened over the 3 active tokens: mean 1/3, std 2 sqrt(2) / 3.
+W = np.array([1 / math.sqrt(2), 1 / math.sqrt(2), -math.sqrt(2)])
+R = np.array([1.5, 0.9, 0.5])
+H = np.array([1.0, 0.5, 2.0])
+K3 = HAND_K3[HAND_MASK > 0]
+
+
+def seq_sums(per_token):
+    """Per-response token sums of the 3 active tokens (response 0: tokens 0 and 1; response 1: token 2)."""
+    return np.array([per_token[0] + per_token[1], per_token[2]])
+
+
+DEFAULTS_EXPECTED = {
+    "reinforce": np.mean(seq_sums(-W * np.log(R) + 0.5 * VF)),  # seq_mean_token_sum, V 0.5, whiten
+    "a2c": np.mean(seq_sums(-np.array([1, 1, -1]) * np.log(R) + 0.5 * VF)),
+    "ppo": np.mean(-np.array([1.2, 0.9, 0.8]) * W + 0.5 * VF_CLIPPED - 0.01 * H),  # clip 0.2, token mean
+    "ppo_kl": np.mean(-R * W + 1.0 * (R - 1 - np.log(R)) + 0.5 * VF - 0.01 * H),
+    "trpo": np.mean(-R * W),
+    "grpo": -0.125 + 0.04 * ((K3[0] + K3[1]) / 2 + K3[2]) / 2,  # k3, beta 0.04, seq_mean_token_mean
+    "rloo": np.mean(seq_sums(-R * np.array([1, 1, -1]))),
+    **{name: HAND_EXPECTED[name] for name in ("dr_grpo", "dapo", "bnpo", "gspo", "sapo", "cispo", "gmpo")},
+}
+
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_every_preset_with_its_defaults_on_a_hand_batch(name):
+    loss_fn = grpo.make_loss(name)
+    per_token = loss_fn.config.advantage == "token"
+    adv = np.broadcast_to(HAND_ADV[:, None], HAND_MASK.shape) if per_token else HAND_ADV
+    loss, _ = loss_fn(
+        HAND_LOGP, np.zeros_like(HAND_LOGP), adv, HAND_MASK, logp_ref=HAND_LOGP + HAND_D, entropy=HAND_H,
+        values=HAND_V, values_old=HAND_V_OLD, returns=HAND_RET,
+    )
+    np.testing.assert_allclose(loss, DEFAULTS_EXPECTED[name], rtol=1e-5, atol=1e-7)
+
+
+def test_cispo_default_cap_is_five():
+    # One token, r = 6 > 5, A = 1: -5 log 6 (the cap binds; the clipped surrogates never see r = 6 here).
+    loss, metrics = grpo.make_loss("cispo")(jnp.log(jnp.array([[6.0]])), jnp.zeros((1, 1)), jnp.ones(1))
+    np.testing.assert_allclose(loss, -5 * math.log(6), rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_frac_high"], 1.0)
 
 
 def test_make_loss_overrides_and_registry():
@@ -504,11 +581,14 @@ def test_make_loss_overrides_and_registry():
     [
         (lambda: grpo.make_loss("nope"), "unknown preset"),
         (lambda: grpo.make_loss("grpo", eps=0.1), "unknown LossConfig fields"),
-        (lambda: grpo.make_loss("grpo", aggregation="mean"), "unknown aggregation"),
-        (lambda: grpo.make_loss("grpo", kl_estimator="k4"), "unknown kl_estimator"),
+        (lambda: grpo.make_loss("grpo", aggregation="mean"), "aggregation must be one of"),
+        (lambda: grpo.make_loss("grpo", kl_estimator="k4"), "kl_estimator must be one of"),
         (lambda: grpo.HardClip(1.5), "eps_low"),
         (lambda: grpo.HardClip(0.2, 0.2, dual_clip=1.1), "dual_clip"),
-        (lambda: grpo.SoftGate(0.0, 1.0), "temperatures"),
+        (lambda: grpo.SoftGate(0.0, 1.0), "tau_pos"),
+        (lambda: grpo.SoftGate(1.0, float("nan")), "tau_neg"),
+        (lambda: grpo.HardClip(float("inf")), "eps_low"),
+        (lambda: grpo.make_loss("grpo", kl_coef=float("nan")), "kl_coef"),
         (lambda: grpo.SeqMeanTokenSumNorm(0.0), "constant"),
         (lambda: grpo.make_loss("grpo", kl_coef=-1.0), "kl_coef"),
     ],
@@ -523,6 +603,8 @@ def test_missing_inputs_raise():
     with pytest.raises(ValueError, match="logp_ref"):
         grpo.make_loss("grpo")(b["logp_new"], b["logp_old"], b["adv"], b["mask"])
     with pytest.raises(ValueError, match="values"):
+        grpo.make_loss("ppo")(b["logp_new"], b["logp_old"], b["adv"], b["mask"], entropy=b["entropy"])
+    with pytest.raises(ValueError, match="entropy"):
         grpo.make_loss("ppo")(b["logp_new"], b["logp_old"], b["adv"], b["mask"])
     with pytest.raises(ValueError, match="per-token advantages"):
         grpo.group_advantages(grpo.PRESETS["ppo"], jnp.ones((2, 2)))
