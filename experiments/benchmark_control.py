@@ -12,17 +12,15 @@ prints the load average, CPU time next to wall time, and the median over repeats
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+import argparse
+import statistics
+import time
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import control, runs  # noqa: E402
-from polygrad import networks, rollout  # noqa: E402
+from experiments import control, runs
+from polygrad.control import networks, rollout
 
 CASES = {
     "1seed": {"num_seeds": 1},

@@ -5,7 +5,7 @@
 
 Prints (and writes to `<out>/benchmark_lm.json`):
 
-- sampled tokens per second, `polygrad.sampling.sample` with the KV cache (one model call per token on a
+- sampled tokens per second, `polygrad.lm.sampling.sample` with the KV cache (one model call per token on a
   `[B, 1]` slice) and without it (the whole prefix recomputed for every token), at the RL batch size;
 - RL updates per second at the stated batch (prompts x G x response length), with the time split between
   sampling (generation, scoring, teacher-forced old/reference log-probs) and updating (the epochs of
@@ -17,19 +17,17 @@ Every timed function is compiled first; the figures are medians over `repeats` c
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+import dataclasses
+import json
+import time
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import jax
+import numpy as np
+import tyro
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import tyro  # noqa: E402
-
-from experiments import lm  # noqa: E402
-from polygrad import sampling  # noqa: E402
-from polygrad.transformer import init_params  # noqa: E402
+from experiments import lm
+from polygrad.lm import generation, sampling
+from polygrad.lm.transformer import init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +79,7 @@ def main(bench: BenchmarkConfig) -> dict:
     results["update_s"] = _median_time(lambda: update(carry)[0].params, bench.repeats)
 
     def sampling_half(carry):
-        groups, _, _ = lm.collect(config, task, model, carry.params, carry.key)
+        groups, _, _ = generation.collect(config.sampling, task, model, carry.params, carry.key, **lm.TOKENS)
         flat = jax.tree.map(lambda x: x.reshape((batch, *x.shape[2:])), groups)
         old = sampling.sequence_log_probs(model, carry.params, flat.prompts, flat.tokens)
         ref = sampling.sequence_log_probs(model, params, flat.prompts, flat.tokens)

@@ -20,19 +20,17 @@ one run of the script.
 
 import os
 
-# Must precede the first JAX import (see experiments/control.py).
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
 
-import dataclasses  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import jax
+import tyro
 
-import jax  # noqa: E402
-import tyro  # noqa: E402
-
-from experiments import control  # noqa: E402
-from polygrad import losses, networks, returns, rollout, trpo, trust_region  # noqa: E402
+from experiments import control
+from polygrad import trust_region
+from polygrad.control import learners, networks, rollout, trpo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +65,10 @@ def run(config: BenchmarkConfig) -> dict[str, float]:
     control_config = control.default_config(
         "trpo", config.env, num_envs=config.num_envs, num_steps=config.num_steps, num_seeds=1,
         total_steps=max(config.end_to_end_updates, 1) * config.num_envs * config.num_steps,
-        cg_iterations=config.cg_iterations, cg_residual_tol=config.cg_residual_tol,
+        **{"learner.step.cg_iterations": config.cg_iterations,
+           "learner.step.cg_residual_tol": config.cg_residual_tol},
     )
-    tr_config = control_config.trust_region_config()
+    tr_config = control_config.learner.step
     env = control.make_env(control_config)
     network = control.make_network(control_config, env)
     program = control.make_program(control_config)
@@ -88,14 +87,8 @@ def run(config: BenchmarkConfig) -> dict[str, float]:
     traj = collect(params, carry.env_state, carry.obs, key)
 
     def objectives(params, traj):
-        advantages = returns.gae(traj.rewards, traj.values, traj.next_values, traj.terminated,
-                                 traj.truncated, control_config.gamma, control_config.gae_lambda)
-        flat = jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])),
-                            {"obs": traj.obs, "actions": traj.actions, "adv": advantages,
-                             "targets": advantages + traj.values})
-        surrogate_fn, kl_fn = trpo.policy_objectives(
-            network.apply, params, flat["obs"], flat["actions"], losses.normalize_advantages(flat["adv"])
-        )
+        flat = learners.learner_batch(control_config.advantage, traj, with_old_policy=False)
+        surrogate_fn, kl_fn = trpo.policy_objectives(control_config.loss, network.apply, params, flat)
         return surrogate_fn, kl_fn, flat
 
     @jax.jit
@@ -119,14 +112,14 @@ def run(config: BenchmarkConfig) -> dict[str, float]:
 
         return search
 
-    value_tx = control._optimizer(control_config, 1)
+    value_tx = control.make_optimizer(control_config)
     opt_state = value_tx.init(params)
 
     @jax.jit
     def value_fit(params, opt_state, traj, key):
         _, _, flat = objectives(params, traj)
-        return trpo.fit_value(network.apply, value_tx, params, opt_state, flat["obs"], flat["targets"], key,
-                              control_config.value_epochs, control_config.value_minibatches)
+        return trpo.fit_value(network.apply, value_tx, params, opt_state, flat, key,
+                              control_config.learner.value_epochs, control_config.learner.value_minibatches)
 
     learner_update = jax.jit(program.update)
 

@@ -24,15 +24,13 @@ Runs go to `<out>/<claim>/<label>` (resumable `experiments.lm` run folders shari
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+import dataclasses
+import json
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
+import numpy as np
+import tyro
 
-import numpy as np  # noqa: E402
-import tyro  # noqa: E402
-
-from experiments import lm  # noqa: E402
+from experiments import lm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +47,11 @@ class Claim:
 CLAIMS = {
     "dr_grpo_length": Claim(
         "Dr. GRPO: length of incorrect answers, scratchpad_sum", "scratchpad_sum",
-        {"grpo (kl 0)": dict(algo="grpo", kl_coef=0.0), "dr_grpo": dict(algo="dr_grpo")},
+        {"grpo (kl 0)": dict(algo="grpo", **{"loss.kl_coef": 0.0}), "dr_grpo": dict(algo="dr_grpo")},
         ("length_incorrect", "length_correct", "eval_pass1_sampled", "truncation_rate")),
     "dapo_clip_higher": Claim(
         "DAPO clip-higher: entropy and pass@k, constrained_string", "constrained_string",
-        {f"eps_high {e:g}": dict(algo="dapo", clip_high=e) for e in (0.2, 0.28)},
+        {f"eps_high {e:g}": dict(algo="dapo", **{"loss.gate.eps_high": e}) for e in (0.2, 0.28)},
         ("sample_entropy", "eval_pass1_sampled", "clip_frac_high", "clip_frac_low"),
         dict(num_epochs=4)),
     "dapo_dynamic_sampling": Claim(
@@ -62,15 +60,15 @@ CLAIMS = {
         ("effective_prompts", "sampling_rounds", "eval_pass1_sampled", "zero_variance_groups")),
     "gspo_ratio_variance": Claim(
         "GSPO: token vs sequence ratio variance by response length, scratchpad_sum", "scratchpad_sum",
-        {"grpo (kl 0)": dict(algo="grpo", kl_coef=0.0), "gspo": dict(algo="gspo")},
+        {"grpo (kl 0)": dict(algo="grpo", **{"loss.kl_coef": 0.0}), "gspo": dict(algo="gspo")},
         ("eval_pass1_sampled",), dict(num_epochs=2)),
     "gspo_clip_sweep": Claim(
         "GSPO clip range sweep, reverse", "reverse",
-        {f"clip {c:g}": dict(algo="gspo", clip_low=c, clip_high=c) for c in (3e-4, 3e-3, 3e-2, 0.2)},
+        {f"clip {c:g}": dict(algo="gspo", **{"loss.gate.eps_low": c, "loss.gate.eps_high": c}) for c in (3e-4, 3e-3, 3e-2, 0.2)},
         ("eval_pass1_sampled", "clip_frac_low", "clip_frac_high")),
     "sapo_tau_neg": Claim(
         "SAPO tau_neg, reverse", "reverse",
-        {f"tau_neg {t:g}": dict(algo="sapo", tau_neg=t) for t in (0.95, 1.0, 1.05)},
+        {f"tau_neg {t:g}": dict(algo="sapo", **{"loss.gate.tau_neg": t}) for t in (0.95, 1.0, 1.05)},
         ("eval_pass1_sampled", "sample_entropy", "gate_mean")),
 }
 
@@ -104,11 +102,12 @@ class CompareConfig:
 
 
 def run_config(compare: CompareConfig, claim: Claim, overrides: dict) -> lm.LMConfig:
-    return lm.LMConfig(task=claim.task, task_knobs=json.dumps(TASK_KNOBS[claim.task]),
-                       num_seeds=compare.num_seeds, num_updates=compare.num_updates,
-                       learning_rate=compare.learning_rate, warm_start_dir=os.path.join(compare.out, "warm"),
-                       **({"sft_steps": SFT_STEPS[claim.task]} if claim.task in SFT_STEPS else {}),
-                       **claim.common, **overrides)
+    overrides = dict(overrides)
+    return lm.default_config(overrides.pop("algo"), task=claim.task, task_knobs=json.dumps(TASK_KNOBS[claim.task]),
+                             num_seeds=compare.num_seeds, num_updates=compare.num_updates,
+                             learning_rate=compare.learning_rate, warm_start_dir=os.path.join(compare.out, "warm"),
+                             **({"sft_steps": SFT_STEPS[claim.task]} if claim.task in SFT_STEPS else {}),
+                             **claim.common, **overrides)
 
 
 def _mean_curve(values: np.ndarray) -> np.ndarray:

@@ -18,21 +18,18 @@ The run folder gets summary.txt (the screen summary), numbers.json, config.json 
 
 import os
 
-# Must precede the first JAX import (see README, "Pitfalls").
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import tyro  # noqa: E402
-
-from envs import tabular as tabular_mdps  # noqa: E402
-from polygrad import importance, tabular  # noqa: E402
+from envs import tabular as tabular_mdps
+from polygrad import importance, tabular
 
 FIGURES = {
     "eta_sweep": "example1_eta_sweep.png",

@@ -1,44 +1,165 @@
-"""Run machinery shared by the training experiments: run folders, chunked jitted training, exact resume.
+"""Run machinery shared by the training experiments: configs, run folders, chunked jitted training.
 
 An experiment describes one seed's training as a `Program`: `init(key) -> carry` and
 `update(carry) -> (carry, metrics)` (pure, jittable; `metrics` a dict of scalars), run `num_updates`
-times. `run` vmaps it over seeds and executes it in jitted chunks of updates; between chunks it prints
-progress, appends the metrics to the run folder and checkpoints the whole carry (parameters, optimiser
-state, environment state with its normaliser statistics, PRNG keys). Restarting the same command
-resumes from the last checkpoint and ends with exactly the same parameters and metrics as a run that
-was never interrupted.
+times. `run` vmaps it over seeds and executes it in jitted chunks of updates; between chunks it checks
+that nothing diverged, prints progress, appends the metrics to the run folder and checkpoints the whole
+carry (parameters, optimiser state, environment state with its normaliser statistics, PRNG keys).
+Restarting the same command resumes from the last checkpoint and ends with exactly the same parameters
+and metrics as a run that was never interrupted.
 
 A run folder holds:
 
-    config.json       the experiment's config; resuming a folder with a different config is refused
+    config.json       the experiment's config (part types included, never the folder itself); resuming a
+                      folder with a different config is refused
     metrics.jsonl     one JSON line per update per seed: {"update", "seed", "env_steps", metric: value}
-    checkpoint.npz    the latest carry of all seeds and the number of updates done (written atomically)
+    checkpoint.npz    the latest carry of all seeds, the number of updates done, the hash of the config
+                      that produced it and the number of metric rows written (written atomically)
     learning_curve.png  mean and min-max spread over seeds of the curve metric against env steps
-    summary.json      final values per seed, wall time and throughput
+    summary.json      final values per seed, wall time, and whether the run diverged
+    lock              held (flock) by the process writing the folder; a second writer is refused
 
-NaN metrics (e.g. a return before any episode finished) are written as null.
+Integrity: a metrics file cut by a kill loses only its unreadable last line, which is rewritten; a
+corrupted line elsewhere, missing rows, or an unreadable checkpoint or config is refused with a message
+that names the file and says what to do, never silently dropped. NaN metrics that a program declares
+legitimate (a return before any episode finished) are written as null; any other non-finite metric or
+parameter stops the run (`Diverged`) with the update, the seed and the metric, keeping the last good
+checkpoint, unless `stop_on_divergence=False`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
+import socket
+import sys
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import experiments  # noqa: F401  (sets XLA's flags before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
+
+from polygrad import validate
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.npz"
 FIGURE_FILE = "learning_curve.png"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = "lock"
+MAX_SEED = 2**32 - 1  # jax.random.PRNGKey takes 32 bits; larger seeds are refused, never wrapped
+NOT_SAVED = ("run_dir", "warm_start_dir")  # where a run lives is not part of what it is
+
+
+class Diverged(RuntimeError):
+    """A non-finite metric or parameter: the run stopped; its last good checkpoint is kept."""
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as it is (locked, corrupted, or made by another config)."""
+
+
+# --- configs and the command line -----------------------------------------------------------------
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as a JSON-compatible dict: nested dataclasses (loss parts, learners) carry their
+    class name under "type", tuples become lists, and the fields of `NOT_SAVED` are left out."""
+
+    def encode(x, top=False):
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            out = {} if top else {"type": type(x).__name__}
+            for f in dataclasses.fields(x):
+                if not (top and f.name in NOT_SAVED):
+                    out[f.name] = encode(getattr(x, f.name))
+            return out
+        if isinstance(x, tuple | list):
+            return [encode(v) for v in x]
+        if isinstance(x, dict):
+            return {str(k): encode(v) for k, v in x.items()}
+        return x
+
+    return json.loads(json.dumps(encode(config, top=True), default=str))
+
+
+def config_hash(config: Any, fields: Sequence[str] | None = None) -> str:
+    """An 8-hex-digit hash of the saved config (or of some of its top-level fields)."""
+    data = config_to_dict(config)
+    if fields is not None:
+        data = {k: data[k] for k in fields}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_run_dir(kind: str, name: str, config: Any) -> str:
+    """runs/<kind>/<name>-<config hash>."""
+    return os.path.join("runs", kind, f"{name}-{config_hash(config)}")
+
+
+def replace_fields(config: Any, fields: dict[str, Any]) -> Any:
+    """`config` with fields replaced; a key may be a dotted path into nested dataclasses
+    (`"loss.gate.eps_low"`), applied after a replacement of the whole part it lies in. Each dataclass is
+    rebuilt once, so its checks see the final values. An unknown field is a `ConfigError` naming it."""
+    known = {f.name for f in dataclasses.fields(config)}
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for path, value in fields.items():
+        name, _, rest = path.partition(".")
+        if name not in known:
+            raise validate.ConfigError(f"unknown config field {path!r} ({type(config).__name__} has "
+                                       f"{sorted(known)})")
+        if rest:
+            nested.setdefault(name, {})[rest] = value
+        else:
+            changes[name] = value
+            nested.pop(name, None)
+    for name, sub in nested.items():
+        part = changes.get(name, getattr(config, name))
+        if not dataclasses.is_dataclass(part):
+            raise validate.ConfigError(f"config field {name!r} has no fields {sorted(sub)}")
+        changes[name] = replace_fields(part, sub)
+    return dataclasses.replace(config, **changes)
+
+
+def peek_args(argv: Sequence[str] | None, **defaults: str) -> tuple[str, ...]:
+    """The values of a few `--name VALUE` flags (e.g. `--algo`, `--env`) that choose the other defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default)
+    known, _ = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return tuple(getattr(known, name) for name in defaults)
+
+
+def parse(config_class: type, default: Any, argv: Sequence[str] | None, description: str = "") -> Any:
+    """tyro's command line over `config_class`, starting from `default`. Nested parts become flags
+    (`--loss.gate.eps-high 4`) of the part types that `default` holds."""
+    with validate.deferred():
+        return tyro.cli(config_class, default=default, args=None if argv is None else list(argv),
+                        description=description or config_class.__doc__,
+                        config=(tyro.conf.AvoidSubcommands,))
+
+
+def main(run_fn: Callable[[], Any]) -> None:
+    """Run an experiment's `run_fn`; a bad config or a refused run folder prints one line and exits 2,
+    a divergence prints its message and exits 1, never a traceback."""
+    try:
+        run_fn()
+    except (validate.ConfigError, RunFolderError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Diverged as error:
+        print(f"diverged: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +167,15 @@ class Program:
     """One seed's training: `init(key) -> carry`, `update(carry) -> (carry, {name: scalar})`.
 
     `steps_per_update` is the number of environment steps (or samples) one update consumes, used as
-    the x axis of the learning curve.
+    the x axis of the learning curve. `nan_metrics` names the metrics that may legitimately be NaN (a
+    return before any episode finished); any other non-finite metric is a divergence.
     """
 
     init: Callable[[jax.Array], Any]
     update: Callable[[Any], tuple[Any, dict[str, jax.Array]]]
     num_updates: int
     steps_per_update: int
+    nan_metrics: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -65,9 +188,9 @@ class RunResult:
 
 
 def seed_keys(seed: int, num_seeds: int) -> jax.Array:
-    """`[num_seeds, 2]` PRNG keys, one per seed, derived from one integer seed."""
-    if num_seeds < 1:
-        raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
+    """`[num_seeds, 2]` PRNG keys, one per seed, derived from one integer seed in [0, MAX_SEED]."""
+    validate.integer("num_seeds", num_seeds, minimum=1)
+    validate.integer("seed", seed, minimum=0, maximum=MAX_SEED)
     return jax.random.split(jax.random.PRNGKey(seed), num_seeds)
 
 
@@ -158,9 +281,33 @@ def _to_json_value(x: Any) -> Any:
     return None if math.isnan(x) else x
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A dataclass config as a JSON-compatible dict (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{path} ({what}) is corrupted ({error}); restore it or delete the run folder "
+                             "to start again") from None
+
+
+def lock_run_dir(run_dir: str) -> Any:
+    """Hold an exclusive lock on the run folder for this process's lifetime (released at exit, even by
+    SIGKILL). A second process is refused with a message naming the holder."""
+    os.makedirs(run_dir, exist_ok=True)
+    handle = open(os.path.join(run_dir, LOCK_FILE), "a+")  # noqa: SIM115  (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderError(f"{run_dir} is in use by {holder}; wait for it to finish or use another run "
+                             "folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def prepare_run_dir(run_dir: str, config: dict[str, Any]) -> None:
@@ -169,12 +316,11 @@ def prepare_run_dir(run_dir: str, config: dict[str, Any]) -> None:
     path = os.path.join(run_dir, CONFIG_FILE)
     config = json.loads(json.dumps(config))
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = _read_json(path, "the run's config")
         if saved != config:
             keys = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
             diffs = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in keys)
-            raise ValueError(
+            raise RunFolderError(
                 f"refusing to resume {run_dir}: its config differs ({diffs}); "
                 "use another run folder or delete this one"
             )
@@ -182,53 +328,121 @@ def prepare_run_dir(run_dir: str, config: dict[str, Any]) -> None:
     _atomic_write(path, lambda f: json.dump(config, f, indent=2, sort_keys=True), mode="w")
 
 
-def save_checkpoint(run_dir: str, carry: Any, updates_done: int) -> None:
-    """Save every leaf of `carry` and the update count to `checkpoint.npz`, atomically."""
-    leaves = [np.asarray(x) for x in jax.tree.leaves(carry)]
-    arrays = {f"leaf_{i:05d}": x for i, x in enumerate(leaves)}
-    arrays["updates_done"] = np.asarray(updates_done, np.int64)
-    _atomic_write(os.path.join(run_dir, CHECKPOINT_FILE), lambda f: np.savez(f, **arrays))
+def save_tree(path: str, tree: Any, **extra: Any) -> None:
+    """Save the leaves of a pytree (and named `extra` arrays) to an npz file, atomically."""
+    arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+    arrays.update({k: np.asarray(v) for k, v in extra.items()})
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_checkpoint(run_dir: str, template: Any) -> tuple[Any, int] | None:
-    """The carry saved in `run_dir` (in the structure of `template`) and its update count, or None."""
+def load_tree(path: str, template: Any) -> Any:
+    """The pytree saved by `save_tree`, in the structure, shapes and dtypes of `template`."""
+    template_leaves, treedef = jax.tree.flatten(template)
+    try:
+        with np.load(path) as data:
+            leaves = [data[f"leaf_{i:05d}"] for i in range(len(template_leaves))]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise RunFolderError(f"{path} is unreadable ({type(error).__name__}: {error}); delete it to recompute "
+                             "it, or restore it from a copy") from None
+    if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(leaves, template_leaves, strict=True)):
+        raise RunFolderError(f"{path} does not match the expected structure (another model or config?)")
+    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
+
+
+def save_checkpoint(run_dir: str, carry: Any, updates_done: int, config_digest: str = "",
+                    metric_rows: int = 0) -> None:
+    """Save every leaf of `carry`, the update count, the hash of the config that produced it and the
+    number of metric rows written so far to `checkpoint.npz`, atomically."""
+    save_tree(os.path.join(run_dir, CHECKPOINT_FILE), carry, updates_done=np.int64(updates_done),
+              metric_rows=np.int64(metric_rows), config_hash=config_digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    carry: Any
+    updates_done: int
+    metric_rows: int
+    config_hash: str
+
+
+def load_checkpoint(run_dir: str, template: Any) -> Checkpoint | None:
+    """The checkpoint saved in `run_dir` (carry in the structure of `template`), or None if there is none.
+
+    An unreadable checkpoint, or one whose arrays do not match `template`, is a `RunFolderError`."""
     path = os.path.join(run_dir, CHECKPOINT_FILE)
     if not os.path.exists(path):
         return None
     template_leaves, treedef = jax.tree.flatten(template)
-    with np.load(path) as data:
-        leaves = [data[f"leaf_{i:05d}"] for i in range(len(data.files) - 1)]
-        updates_done = int(data["updates_done"])
+    try:
+        with np.load(path) as data:
+            names = sorted(k for k in data.files if k.startswith("leaf_"))
+            leaves = [data[k] for k in names]
+            updates_done = int(data["updates_done"])
+            metric_rows = int(data["metric_rows"]) if "metric_rows" in data.files else -1
+            digest = str(data["config_hash"]) if "config_hash" in data.files else ""
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise RunFolderError(f"{path} is unreadable ({type(error).__name__}: {error}); delete it to restart "
+                             "this run from scratch, or restore it from a copy") from None
     if len(leaves) != len(template_leaves) or any(
         a.shape != b.shape or a.dtype != b.dtype for a, b in zip(leaves, template_leaves, strict=True)
     ):
-        raise ValueError(f"the checkpoint in {run_dir} does not match this program's training state")
-    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), updates_done
+        raise RunFolderError(f"the checkpoint in {run_dir} does not match this program's training state")
+    carry = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
+    return Checkpoint(carry, updates_done, metric_rows, digest)
 
 
-def _read_metric_lines(run_dir: str) -> list[dict[str, Any]]:
+def _read_metric_lines(run_dir: str, repair: bool = False) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl. A line cut by a kill can only be the last one: with `repair` it is
+    dropped (and the file rewritten without it); an unreadable line followed by readable ones is a
+    `RunFolderError` (never silent data loss)."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill; it is rewritten on resume
-                break
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows, bad = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "update" not in row or "seed" not in row:
+                raise ValueError("not a metrics row")
+        except (ValueError, UnicodeDecodeError):
+            if bad is None:
+                bad = number
+            continue
+        if bad is not None:
+            raise RunFolderError(f"{path} line {bad} is corrupted and readable rows follow it; repair or "
+                                 "delete that line by hand (nothing was changed)")
+        rows.append(row)
+    if bad is not None and repair:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        _atomic_write(path, lambda f: f.write(text), mode="w")
     return rows
 
 
-def _truncate_metrics(run_dir: str, updates_done: int) -> None:
-    """Keep only the metric lines of updates already in the checkpoint (a kill may leave more)."""
-    rows = [r for r in _read_metric_lines(run_dir) if r["update"] <= updates_done]
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    _atomic_write(os.path.join(run_dir, METRICS_FILE), lambda f: f.write(text), mode="w")
+def _truncate_metrics(run_dir: str, checkpoint: Checkpoint | None, num_seeds: int) -> int:
+    """Make metrics.jsonl hold exactly the rows of the updates in the checkpoint (a kill may leave more,
+    or a cut last line); missing rows are a `RunFolderError`. Returns the number of rows kept."""
+    rows = _read_metric_lines(run_dir, repair=True)
+    updates_done = 0 if checkpoint is None else checkpoint.updates_done
+    kept = [r for r in rows if r["update"] <= updates_done]
+    expected = updates_done * num_seeds
+    if len(kept) != expected:
+        path = os.path.join(run_dir, METRICS_FILE)
+        raise RunFolderError(f"{path} holds {len(kept)} rows of the {expected} that the checkpoint "
+                             f"(update {updates_done}) recorded; restore the file, or delete the run folder "
+                             "to start again")
+    if len(kept) != len(rows):
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        _atomic_write(os.path.join(run_dir, METRICS_FILE), lambda f: f.write(text), mode="w")
+    return len(kept)
 
 
-def _append_metrics(run_dir: str, metrics: dict[str, np.ndarray], first_update: int, steps: int) -> None:
-    """Append `{name: [S, n]}` metrics of updates first_update+1 .. first_update+n, one line per seed."""
+def _append_metrics(run_dir: str, metrics: dict[str, np.ndarray], first_update: int, steps: int) -> int:
+    """Append `{name: [S, n]}` metrics of updates first_update+1 .. first_update+n, one line per seed.
+    Returns the number of rows written."""
     num_seeds, n = next(iter(metrics.values())).shape
     lines = []
     for j in range(n):
@@ -241,6 +455,34 @@ def _append_metrics(run_dir: str, metrics: dict[str, np.ndarray], first_update: 
         f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
+    return len(lines)
+
+
+def first_divergence(metrics: dict[str, np.ndarray], carry: Any, allowed_nan: Sequence[str] = ()
+                     ) -> tuple[int, int, str] | None:
+    """`(update index in the chunk, seed, what)` of the first non-finite metric (`{name: [S, n]}`, except
+    NaN in `allowed_nan`), or of a non-finite parameter at the end of the chunk; None if all finite."""
+    first = None
+    for name, values in metrics.items():
+        values = np.asarray(values, np.float64)
+        bad = ~np.isfinite(values)
+        if name in allowed_nan:
+            bad &= ~np.isnan(values)
+        if bad.any():
+            seeds, updates = np.nonzero(bad)
+            j = int(updates.min())
+            s = int(seeds[updates == j].min())
+            if first is None or (j, s) < first[:2]:
+                first = (j, s, f"metric {name} = {values[s, j]}")
+    if first is not None:
+        return first
+    for path, leaf in jax.tree_util.tree_leaves_with_path(carry):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.floating) and not np.all(np.isfinite(leaf)):
+            s = int(np.nonzero(~np.isfinite(leaf.reshape(leaf.shape[0], -1)).any(axis=1))[0][0])
+            n = next(iter(metrics.values())).shape[1] if metrics else 1
+            return (n - 1, s, f"training state {jax.tree_util.keystr(path)} is not finite")
+    return None
 
 
 def load_metrics(run_dir: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -307,7 +549,7 @@ def final_values(values: np.ndarray, fraction: float = 0.05) -> np.ndarray:
 
 def run(
     program: Program,
-    config: dict[str, Any],
+    config: Any,
     run_dir: str,
     *,
     seed: int = 0,
@@ -315,71 +557,99 @@ def run(
     updates_per_chunk: int = 50,
     curve_metric: str = "episode_return",
     title: str = "",
+    stop_on_divergence: bool = True,
     log: Callable[[str], None] = print,
 ) -> RunResult:
     """Train `num_seeds` seeds of `program` in `run_dir`, resuming from its checkpoint if there is one.
 
     Args:
       program: one seed's training.
-      config: the experiment config as a JSON-compatible dict (compared on resume; include every field
-        that changes the result).
-      run_dir: the run folder (created if needed).
+      config: the experiment's dataclass config (saved to config.json and compared on resume; its hash
+        is recorded in every checkpoint).
+      run_dir: the run folder (created if needed; locked while this process writes it).
       seed, num_seeds: the seeds are `seed_keys(seed, num_seeds)`.
       updates_per_chunk: updates per jitted chunk, i.e. between progress lines and checkpoints.
       curve_metric: the metric plotted in the learning curve and summarised in summary.json.
       title: figure title.
+      stop_on_divergence: raise `Diverged` at the first non-finite metric or parameter (keeping the last
+        good checkpoint); with False the run goes on and the summary records where it diverged.
       log: where progress lines go.
 
     Returns:
       `RunResult` with the final carry of all seeds and all metrics read back from the folder.
     """
-    if updates_per_chunk < 1:
-        raise ValueError(f"updates_per_chunk must be >= 1, got {updates_per_chunk}")
-    prepare_run_dir(run_dir, config)
-    start = time.perf_counter()
-    carry = _jitted_init(program)(seed_keys(seed, num_seeds))
-    restored = load_checkpoint(run_dir, carry)
-    updates_done = 0
-    if restored is not None:
-        carry, updates_done = restored
-        log(f"resuming {run_dir} at update {updates_done}/{program.num_updates}")
-    _truncate_metrics(run_dir, updates_done)
-    chunk = make_chunk(program, min(updates_per_chunk, program.num_updates))
-    while updates_done < program.num_updates:
-        n = min(updates_per_chunk, program.num_updates - updates_done)
-        chunk_start = time.perf_counter()
-        carry, metrics = chunk(carry, n)
-        metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
-        _append_metrics(run_dir, metrics, updates_done, program.steps_per_update)
-        updates_done += n
-        save_checkpoint(run_dir, carry, updates_done)
-        chunk_time = time.perf_counter() - chunk_start  # the first chunk includes compilation
-        curve = metrics.get(curve_metric)
-        shown = "" if curve is None else f"  {curve_metric} {np.nanmean(final_values(curve, 0.0)):9.2f}"
-        log(
-            f"update {updates_done:6d}/{program.num_updates}  "
-            f"env steps {updates_done * program.steps_per_update:>10,d}{shown}  "
-            f"({time.perf_counter() - start:6.1f} s; this chunk "
-            f"{n * program.steps_per_update * num_seeds / chunk_time:,.0f} steps/s over {num_seeds} seeds)"
-        )
-    elapsed = time.perf_counter() - start
-    env_steps, all_metrics = load_metrics(run_dir)
-    summary: dict[str, Any] = {
-        "updates": program.num_updates,
-        "env_steps_per_seed": program.num_updates * program.steps_per_update,
-        "num_seeds": num_seeds,
-        "wall_time_s_this_session": round(elapsed, 2),
-    }
-    if curve_metric in all_metrics:
-        finals = final_values(all_metrics[curve_metric])
-        summary[f"final_{curve_metric}_per_seed"] = [_to_json_value(x) for x in finals]
-        has_data = bool(np.any(~np.isnan(finals)))
-        summary[f"final_{curve_metric}_mean"] = _to_json_value(np.nanmean(finals)) if has_data else None
-        plot_learning_curves(
-            {title or curve_metric: (env_steps, all_metrics[curve_metric])},
-            os.path.join(run_dir, FIGURE_FILE),
-            title=title,
-        )
-    _atomic_write(os.path.join(run_dir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2), mode="w")
-    log(f"done: {json.dumps(summary)}\nrun folder: {run_dir}")
-    return RunResult(carry, all_metrics, env_steps)
+    validate.integer("updates_per_chunk", updates_per_chunk, minimum=1)
+    keys = seed_keys(seed, num_seeds)
+    config_dict = config_to_dict(config)
+    digest = config_hash(config)
+    lock = lock_run_dir(run_dir)
+    try:
+        prepare_run_dir(run_dir, config_dict)
+        start = time.perf_counter()
+        carry = _jitted_init(program)(keys)
+        checkpoint = load_checkpoint(run_dir, carry)
+        updates_done = 0
+        if checkpoint is not None:
+            if checkpoint.config_hash and checkpoint.config_hash != digest:
+                raise RunFolderError(
+                    f"the checkpoint in {run_dir} was trained with another config (hash {checkpoint.config_hash}, "
+                    f"now {digest}); config.json was edited? Restore it or use another run folder")
+            carry, updates_done = checkpoint.carry, checkpoint.updates_done
+            log(f"resuming {run_dir} at update {updates_done}/{program.num_updates}")
+        elif os.path.exists(os.path.join(run_dir, METRICS_FILE)) and _read_metric_lines(run_dir):
+            raise RunFolderError(f"{run_dir} holds metrics but no checkpoint; delete the run folder to start "
+                                 "again")
+        rows = _truncate_metrics(run_dir, checkpoint, num_seeds)
+        diverged = None
+        chunk = make_chunk(program, min(updates_per_chunk, program.num_updates))
+        while updates_done < program.num_updates:
+            n = min(updates_per_chunk, program.num_updates - updates_done)
+            chunk_start = time.perf_counter()
+            new_carry, metrics = chunk(carry, n)
+            metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
+            bad = first_divergence(metrics, new_carry, program.nan_metrics)
+            if bad is not None and diverged is None:
+                j, s, what = bad
+                diverged = {"update": updates_done + j + 1, "seed": s, "what": what}
+                message = (f"update {updates_done + j + 1}, seed {s}: {what}; the last good checkpoint "
+                           f"(update {updates_done}) is kept in {run_dir}")
+                if stop_on_divergence:
+                    raise Diverged(message)
+                log(f"warning: diverged at {message}; going on as asked")
+            carry = new_carry
+            rows += _append_metrics(run_dir, metrics, updates_done, program.steps_per_update)
+            updates_done += n
+            save_checkpoint(run_dir, carry, updates_done, digest, rows)
+            chunk_time = time.perf_counter() - chunk_start  # the first chunk includes compilation
+            curve = metrics.get(curve_metric)
+            shown = "" if curve is None else f"  {curve_metric} {np.nanmean(final_values(curve, 0.0)):9.2f}"
+            log(
+                f"update {updates_done:6d}/{program.num_updates}  "
+                f"env steps {updates_done * program.steps_per_update:>10,d}{shown}  "
+                f"({time.perf_counter() - start:6.1f} s; this chunk "
+                f"{n * program.steps_per_update * num_seeds / chunk_time:,.0f} steps/s over {num_seeds} seeds)"
+            )
+        elapsed = time.perf_counter() - start
+        env_steps, all_metrics = load_metrics(run_dir)
+        summary: dict[str, Any] = {
+            "updates": program.num_updates,
+            "env_steps_per_seed": program.num_updates * program.steps_per_update,
+            "num_seeds": num_seeds,
+            "wall_time_s_this_session": round(elapsed, 2),
+            "diverged": diverged,
+        }
+        if curve_metric in all_metrics:
+            finals = final_values(all_metrics[curve_metric])
+            summary[f"final_{curve_metric}_per_seed"] = [_to_json_value(x) for x in finals]
+            has_data = bool(np.any(~np.isnan(finals)))
+            summary[f"final_{curve_metric}_mean"] = _to_json_value(np.nanmean(finals)) if has_data else None
+            plot_learning_curves(
+                {title or curve_metric: (env_steps, all_metrics[curve_metric])},
+                os.path.join(run_dir, FIGURE_FILE),
+                title=title,
+            )
+        _atomic_write(os.path.join(run_dir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2), mode="w")
+        log(f"done: {json.dumps(summary)}\nrun folder: {run_dir}")
+        return RunResult(carry, all_metrics, env_steps)
+    finally:
+        lock.close()

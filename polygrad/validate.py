@@ -8,8 +8,10 @@ as `x > 0` alone would let NaN through); booleans are not accepted as numbers.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -17,11 +19,36 @@ class ConfigError(ValueError):
     """A config field or hyperparameter with a bad value; the message names the field."""
 
 
+class _Deferred(Exception):  # noqa: N818  (not a ValueError, so that command-line parsers let it through)
+    pass
+
+
+_raise_as: contextvars.ContextVar[type[Exception]] = contextvars.ContextVar("raise_as", default=ConfigError)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Inside this block the checks raise an exception that is not a ValueError (parsers such as tyro
+    catch ValueErrors and print their own multi-line report); it leaves the block as a `ConfigError`."""
+    token = _raise_as.set(_Deferred)
+    try:
+        yield
+    except _Deferred as error:
+        raise ConfigError(str(error)) from None
+    finally:
+        _raise_as.reset(token)
+
+
+def fail(message: str) -> None:
+    """Raise a `ConfigError(message)` (deferred inside `deferred()`)."""
+    raise _raise_as.get()(message)
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        fail(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise ConfigError(f"{name} must be finite, got {value!r}")
+        fail(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
@@ -33,21 +60,21 @@ def finite(name: str, value: Any) -> float:
 def positive(name: str, value: Any) -> float:
     """`value` is finite and > 0."""
     if _number(name, value) <= 0:
-        raise ConfigError(f"{name} must be > 0, got {value!r}")
+        fail(f"{name} must be > 0, got {value!r}")
     return value
 
 
 def non_negative(name: str, value: Any) -> float:
     """`value` is finite and >= 0."""
     if _number(name, value) < 0:
-        raise ConfigError(f"{name} must be >= 0, got {value!r}")
+        fail(f"{name} must be >= 0, got {value!r}")
     return value
 
 
 def greater(name: str, value: Any, bound: float) -> float:
     """`value` is finite and > `bound`."""
     if _number(name, value) <= bound:
-        raise ConfigError(f"{name} must be > {bound}, got {value!r}")
+        fail(f"{name} must be > {bound}, got {value!r}")
     return value
 
 
@@ -57,18 +84,18 @@ def in_range(name: str, value: Any, low: float, high: float, *, low_open: bool =
     x = _number(name, value)
     if (x < low or (low_open and x == low)) or (x > high or (high_open and x == high)):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ConfigError(f"{name} must be in {interval}, got {value!r}")
+        fail(f"{name} must be in {interval}, got {value!r}")
     return value
 
 
 def integer(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` is an int (not a bool) within [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+        fail(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+        fail(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
+        fail(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -76,11 +103,11 @@ def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """`value` is one of `choices`."""
     choices = list(choices)
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+        fail(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
 def check(ok: bool, message: str) -> None:
     """Raise `ConfigError(message)` unless `ok` (for relations between fields)."""
     if not ok:
-        raise ConfigError(message)
+        fail(message)
