@@ -1,12 +1,9 @@
 """Test-suite set-up shared by every layer."""
 
-import os
+import experiments  # noqa: F401, I001  (first: sets XLA's flags before JAX starts)
 
-# Must be set before JAX is imported anywhere (see README, "Pitfalls").
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_enable_x64", False)
 

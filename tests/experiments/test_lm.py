@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from experiments import lm, runs
+from polygrad import losses, validate
+from polygrad.lm import generation
 
 # A small warm start shared by every test: sampled pass@1 on held-out reverse prompts about 0.4.
 WARM = dict(task="reverse", task_knobs=json.dumps({"n_min": 3, "n_max": 8}), d_model=64, num_layers=2,
@@ -23,46 +25,35 @@ def warm_dir(tmp_path_factory):
 
 def test_bad_configs():
     for fields, message in [
-        (dict(task="sort"), "unknown task"),
-        (dict(algo="grpo2"), "unknown algo"),
+        (dict(task="sort"), "task must be one of"),
+        (dict(algo="grpo2"), "algo must be one of"),
         (dict(task_knobs="{n_min: 3}"), "not JSON"),
         (dict(task_knobs='{"n_min": 9, "n_max": 3}'), "task knobs"),
         (dict(group_size=1), "group_size"),
         (dict(num_prompts=3, group_size=3, num_minibatches=2), "does not divide"),
         (dict(overlong="clip"), "overlong"),
-        (dict(algo="sapo", clip_high=0.28), "hard-clip"),
-        (dict(algo="dapo", tau_neg=1.0), "soft-gate"),
-        (dict(algo="grpo", clip_low=1.5), "eps_low"),
-        (dict(kl_coef=-1.0), "kl_coef"),
         (dict(task="scratchpad_sum", overlong="soft", overlong_cache=0), "overlong_cache"),
         (dict(temperature=0.0), "temperature"),
+        (dict(learning_rate=float("inf")), "learning_rate must be finite"),
+        (dict(seed=2**32), "seed"),
     ]:
-        with pytest.raises(ValueError, match=message):
-            lm.LMConfig(**fields)
-    config = lm.LMConfig(algo="dapo", clip_high=0.28)
-    assert config.loss_config().gate.eps_high == 0.28 and config.loss_config().gate.eps_low == 0.2
-    assert lm.LMConfig(algo="sapo", tau_neg=0.95).loss_config().gate.tau_neg == 0.95
+        with pytest.raises(validate.ConfigError, match=message):
+            lm.LMConfig(**fields).sampling
+    for dotted, message in [({"loss.gate.eps_low": 1.5}, "eps_low"), ({"loss.kl_coef": -1.0}, "kl_coef"),
+                            ({"loss.kl_coef": float("nan")}, "kl_coef"),
+                            ({"loss.gate.eps_high": float("nan")}, "eps_high")]:
+        with pytest.raises(validate.ConfigError, match=message):
+            lm.default_config("grpo", **dotted)
+    assert lm.default_config("dapo", **{"loss.gate.eps_high": 0.3}).loss.gate == losses.HardClip(0.2, 0.3)
+    assert lm.LMConfig(algo="sapo").loss == losses.PRESETS["sapo"]
 
 
-def test_pass_at_k_matches_combinatorics():
-    from math import comb
-
-    for n, k in [(8, 1), (8, 4), (8, 8), (5, 2)]:
-        c = np.arange(n + 1)
-        expected = [1 - comb(n - ci, k) / comb(n, k) for ci in c]
-        np.testing.assert_allclose(lm.pass_at_k(n, jnp.asarray(c), k), expected, atol=1e-6)
-
-
-def test_token_gae_pays_the_reward_at_the_last_token():
-    mask = jnp.asarray([[1, 1, 1, 0], [1, 1, 0, 0]], jnp.float32)
-    values = jnp.asarray([[0.5, 0.2, 0.1, 9.0], [0.3, 0.4, 9.0, 9.0]])
-    rewards = jnp.asarray([1.0, 0.0])
-    adv, targets = lm.token_gae(rewards, values, mask, lam=1.0)
-    # lam = gamma = 1: advantage = reward - value, target = the sequence reward, on active tokens only
-    np.testing.assert_allclose(adv, [[0.5, 0.8, 0.9, 0], [-0.3, -0.4, 0, 0]], atol=1e-6)
-    np.testing.assert_allclose(targets, [[1, 1, 1, 0], [0, 0, 0, 0]], atol=1e-6)
-    adv0, _ = lm.token_gae(rewards, values, mask, lam=0.0)  # TD errors
-    np.testing.assert_allclose(adv0, [[-0.3, -0.1, 0.9, 0], [0.1, -0.4, 0, 0]], atol=1e-6)
+def test_the_command_line_reaches_every_part_of_the_loss():
+    cispo = lm.parse_config(["--algo", "cispo", "--loss.gate.eps-high", "4.5"])
+    assert isinstance(cispo.loss.gate, losses.ClippedISWeight) and cispo.loss.gate.eps_high == 4.5
+    sapo = lm.parse_config(["--algo", "sapo", "--loss.gate.tau-neg", "0.9", "--loss.entropy-coef", "0.01"])
+    assert sapo.loss.gate.tau_neg == 0.9 and sapo.loss.entropy_coef == 0.01
+    assert lm.parse_config(["--algo", "gspo"]).loss == losses.PRESETS["gspo"]
 
 
 def _tiny(**fields):
@@ -81,7 +72,7 @@ def test_dynamic_sampling_fills_the_batch_with_signal(dense):
                    group_size=4, num_minibatches=1, dynamic_sampling=True, max_sampling_rounds=3)
     task, model = config.make_task(), config.make_model()
     params = lm.init_params(model, jax.random.PRNGKey(0))
-    collect = jax.jit(lambda p, k: lm.collect(config, task, model, p, k))
+    collect = jax.jit(lambda p, k: generation.collect(config.sampling, task, model, p, k, **lm.TOKENS))
     groups, valid, stats = collect(params, jax.random.PRNGKey(1))
     spread = np.ptp(np.asarray(groups.reward), axis=1)
     valid, count = np.asarray(valid), int(np.asarray(valid).sum())
@@ -132,7 +123,7 @@ def test_resume_gives_identical_results(tmp_path, compilation_cache):
     for name, values in full["metrics"].items():
         np.testing.assert_array_equal(values, resumed["metrics"][name], err_msg=name)
     assert full["final"] == resumed["final"]
-    with pytest.raises(ValueError, match="refusing to resume"):
+    with pytest.raises(runs.RunFolderError, match="refusing to resume"):
         lm.train(dataclasses.replace(config, learning_rate=1e-3), str(tmp_path / "cut"), log=lambda _: None)
 
 
@@ -164,7 +155,7 @@ def test_grpo_family_learns_reverse(warm_dir):
     start = lm.evaluate_seeds(base, jax.tree.map(lambda x: x[None], warm), warm)["pass1_sampled"][0]
     assert 0.2 <= start <= 0.6, start
     for algo in LEARNING_PRESETS:
-        config = dataclasses.replace(base, algo=algo)
+        config = dataclasses.replace(base, algo=algo, loss=None)  # loss=None: the algo's preset
         carry, metrics = runs.train(lm.make_program(config, warm), runs.seed_keys(0, config.num_seeds))
         for name, values in metrics.items():
             assert np.all(np.isfinite(values)), (algo, name)

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polygrad import distributions
-from polygrad.networks import ActorCritic, Categorical, DiagGaussian
+from polygrad.estimators import distributions
+from polygrad.control.networks import ActorCritic
+from polygrad.estimators.distributions import Categorical, DiagGaussian
 
 OBS = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
 
@@ -70,11 +71,16 @@ def test_separate_torsos_policy_does_not_depend_on_critic():
     assert any(np.any(g != 0) for g in jax.tree.leaves(grads["actor_torso"]))
 
 
-def test_vmap_over_seeds_of_parameters():
+def test_vmap_over_seeds_equals_each_seed_alone():
     net = ActorCritic(action_dim=2)
-    params = jax.vmap(lambda k: net.init(k, OBS))(jax.random.split(jax.random.PRNGKey(0), 3))
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = jax.vmap(lambda k: net.init(k, OBS))(keys)
     dists, values = jax.vmap(net.apply, in_axes=(0, None))(params, OBS)
-    assert dists.logits.shape == (3, 5, 2) and values.shape == (3, 5)
+    for i, key in enumerate(keys):
+        alone = net.init(key, OBS)
+        dist_i, values_i = net.apply(alone, OBS)
+        np.testing.assert_allclose(dists.logits[i], dist_i.logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(values[i], values_i, rtol=1e-5, atol=1e-6)
     assert not np.allclose(values[0], values[1])
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from envs import control as control_envs
 from polygrad import returns
-from polygrad.networks import ActorCritic, Categorical
-from polygrad.rollout import rollout
+from polygrad.control.networks import ActorCritic
+from polygrad.estimators.distributions import Categorical
+from polygrad.control.rollout import rollout
 
 # --- a counter environment: env 0 terminates after 3 steps, env 1 is truncated after 4 -----------
 

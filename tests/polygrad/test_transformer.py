@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polygrad.transformer import TransformerLM, init_params
+from polygrad.lm.transformer import TransformerLM, init_params
 
 MODEL = TransformerLM(vocab_size=11, max_len=12, d_model=32, num_layers=2, num_heads=4, value_head=True)
 
