@@ -17,9 +17,15 @@ working: the estimators are re-exported here and `grpo` re-exports the GRPO-fami
 The README lists the whole public API, module by module.
 """
 
+import sys
+
 from polygrad import estimators, losses, optim, tabular, trust_region, validate
 from polygrad.estimators import advantages, distributions, importance, returns, statistics
 from polygrad import grpo  # noqa: E402  (after losses, which it re-exports)
+
+# `import polygrad.returns` and `from polygrad.returns import gae` keep working too.
+for _name in ("advantages", "distributions", "importance", "returns", "statistics"):
+    sys.modules[f"polygrad.{_name}"] = getattr(estimators, _name)
 
 __version__ = "0.2.0"
 
