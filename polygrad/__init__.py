@@ -23,11 +23,15 @@ from polygrad import estimators, losses, optim, tabular, trust_region, validate
 from polygrad.estimators import advantages, distributions, importance, returns, statistics
 from polygrad import grpo  # noqa: E402  (after losses, which it re-exports)
 
-# `import polygrad.returns` and `from polygrad.returns import gae` keep working too.
+from polygrad import control, lm  # noqa: E402
+
+# Module paths of the first layout keep working (`from polygrad.returns import gae`, `polygrad.sampling`).
 for _name in ("advantages", "distributions", "importance", "returns", "statistics"):
     sys.modules[f"polygrad.{_name}"] = getattr(estimators, _name)
+for _package, _name in ((control, "networks"), (control, "rollout"), (lm, "sampling"), (lm, "transformer")):
+    sys.modules[f"polygrad.{_name}"] = getattr(_package, _name)
 
 __version__ = "0.2.0"
 
-__all__ = ["advantages", "distributions", "estimators", "grpo", "importance", "losses", "optim", "returns",
+__all__ = ["advantages", "control", "distributions", "estimators", "lm", "grpo", "importance", "losses", "optim", "returns",
            "statistics", "tabular", "trust_region", "validate"]
