@@ -92,7 +92,7 @@ class MinibatchEpochs:
 def complete_episode_mask(terminated: jax.Array, truncated: jax.Array) -> jax.Array:
     """1 on the steps whose episode ends inside the batch (at or after them, in the same column), 0 on
     the trailing steps of episodes that are still running at the end of the batch. `[T, B]` -> `[T, B]`."""
-    done = jnp.logical_or(terminated, truncated)
+    done = jnp.logical_or(terminated, truncated).astype(jnp.int32)
     return jnp.flip(jax.lax.cummax(jnp.flip(done, 0), axis=0), 0)
 
 

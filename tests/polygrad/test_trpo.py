@@ -81,6 +81,40 @@ def test_surrogate_is_the_importance_weighted_advantage_of_eq_69():
     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     ratio = np.exp(np.asarray(new.log_prob(batch["actions"]), np.float64)
                    - np.asarray(old.log_prob(batch["actions"]), np.float64))
-    np.testing.assert_allclose(surrogate_fn(moved), np.mean(ratio * adv), rtol=1e-4)
+    np.testing.assert_allclose(surrogate_fn(moved), np.mean(ratio * adv), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(kl_fn(moved), np.mean(old.kl(new)), rtol=1e-5)
     np.testing.assert_allclose(kl_fn(params), 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "n_step", "reward_to_go", "monte_carlo"])
+def test_advantage_estimators_against_a_plain_loop(estimator):
+    network = networks.ActorCritic(action_dim=2, hidden_sizes=(8,))
+    params = network.init(jax.random.PRNGKey(0), jnp.zeros((1, OBS_DIM)))
+    traj = synthetic_batch(network, params, jax.random.PRNGKey(3))
+    config = learners.AdvantageConfig(estimator=estimator, gamma=0.9, gae_lambda=0.8, n_step=3)
+    advantages, targets, mask = jax.jit(learners.estimate_advantages, static_argnums=0)(config, traj)
+    r, v, nv, term = (np.asarray(x, np.float64) for x in (traj.rewards, traj.values, traj.next_values,
+                                                         traj.terminated))
+    expected_mask = np.ones((T, B))
+    if estimator in ("reward_to_go", "monte_carlo"):  # steps of episodes that end inside the batch
+        for b in range(B):
+            last_end = np.nonzero(term[:, b])[0]
+            expected_mask[:, b] = 0.0
+            if len(last_end):
+                expected_mask[: last_end[-1] + 1, b] = 1.0
+    np.testing.assert_array_equal(mask, expected_mask)
+    for b in range(B):
+        g, a = 0.0, 0.0
+        for t in reversed(range(T)):
+            if estimator == "gae":
+                delta = r[t, b] + 0.9 * (1 - term[t, b]) * nv[t, b] - v[t, b]
+                a = delta + 0.9 * 0.8 * (1 - term[t, b]) * (a if t < T - 1 else 0.0)
+                np.testing.assert_allclose(advantages[t, b], a, rtol=1e-4, atol=1e-5)
+            elif estimator in ("reward_to_go", "monte_carlo"):
+                g = r[t, b] + 0.9 * (1 - term[t, b]) * (g if t < T - 1 else 0.0)
+                base = v[t, b] if estimator == "reward_to_go" else 0.0
+                if expected_mask[t, b]:
+                    np.testing.assert_allclose(advantages[t, b], g - base, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(targets - (advantages if estimator != "monte_carlo" else 0),
+                               v if estimator in ("gae", "n_step", "reward_to_go") else targets, rtol=1e-4,
+                               atol=1e-5)
