@@ -53,3 +53,5 @@ __all__ = [
     "group_advantages", "kl_k3_value_k2_gradient", "loss_terms", "make_loss", "policy_loss",
     "register_preset", "resolve",
 ]
+from polygrad.losses.preference import best_of_n_distribution, best_of_n_estimate, best_of_n_kl, bradley_terry_loss, dpo_implicit_reward, dpo_loss, kl_penalized_rewards  # noqa: E402,E501,I001
+__all__ += ["best_of_n_distribution", "best_of_n_estimate", "best_of_n_kl", "bradley_terry_loss", "dpo_implicit_reward", "dpo_loss", "kl_penalized_rewards"]  # noqa: E501
