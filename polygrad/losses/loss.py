@@ -1,12 +1,14 @@
 """Every policy-gradient loss assembled from parts: per-token terms, one aggregation, metrics.
 
-    L_{i,t} = -objective_{i,t} + kl_coef KL_ref_{i,t} + beta_old KL_old_{i,t} - entropy_coef H_{i,t}
+    L_{i,t} = -c_{i,t} objective_{i,t} + kl_coef KL_ref_{i,t} + beta_old KL_old_{i,t} - entropy_coef H_{i,t}
               + value_coef V_{i,t}
     loss    = sum_{i,t} w_{i,t} L_{i,t} / N
 
-with objective = gate(ratio(log r), A) (`parts.py`), w and N from the aggregation, and V the (optionally
-clipped) value loss of a critic. All terms share the aggregation, as in TRL (the KL is added to the
-per-token loss) and verl (KL, entropy and value losses use the same `loss_agg_mode`).
+with objective = gate(ratio(log r), A) (`parts.py`), c the product of the rollout-engine corrections'
+weights (1 without corrections), w and N from the aggregation, and V the (optionally clipped) value loss
+of a critic. All terms share the aggregation, as in TRL (the KL is added to the per-token loss) and verl
+(KL, entropy and value losses use the same `loss_agg_mode`); the corrections weigh the policy term only,
+as in both libraries.
 
 One function serves control and language models: a control batch is `[N]` samples (flattened
 time-major trajectories, `T = 1` per row, so every aggregation is a mean over samples), a language-model
@@ -53,6 +55,10 @@ METRIC_NAMES = (
     "value_loss",
     "value_clip_frac",
     "explained_variance",
+    "mismatch_kl",
+    "mismatch_k3",
+    "mismatch_outside_frac",
+    "correction_weight_mean",
 )
 
 
@@ -62,8 +68,18 @@ ADVANTAGES = {
     "group_normalized": advantages_lib.group_normalized_advantages,
     "group_centered": advantages_lib.group_centered_advantages,
     "batch_normalized": advantages_lib.batch_normalized_advantages,
+    "batch_std": advantages_lib.batch_std_advantages,
     "leave_one_out": advantages_lib.leave_one_out_advantages,
+    "gpg": advantages_lib.gpg_advantages,
     "token": None,
+}
+
+# Estimators `AdvantageConfig` can name besides ADVANTAGES: several rewards per response, and the
+# per-token ones that need the response mask (their result is `[P * G, T]`).
+MULTI_REWARD_ADVANTAGES = {"multi_reward": advantages_lib.multi_reward_advantages}
+TOKEN_ADVANTAGES = {
+    "reinforce_pp": advantages_lib.reinforce_plus_plus_advantages,
+    "reinforce_pp_baseline": advantages_lib.reinforce_plus_plus_baseline_advantages,
 }
 
 
@@ -76,15 +92,26 @@ class LossConfig:
     """
 
     ratio: Any = parts.TokenRatio()
-    """ratio part: TokenRatio (eq. 92), SequenceRatio (GSPO), GeometricMeanClippedRatio (GMPO)."""
+    """ratio part: TokenRatio (eq. 92), SequenceRatio (GSPO), GeometricMeanClippedRatio (GMPO),
+    SequenceProductRatio (VESPO)."""
     gate: Any = parts.HardClip()
-    """gate part: HardClip, SoftGate, ClippedISWeight, NoGate or ScoreFunction."""
+    """gate part: HardClip, SoftGate, ClippedISWeight, NoGate, ScoreFunction, DRO, DivergenceMask (DPPO),
+    CovarianceClip, CovarianceKL or GammaWeight (VESPO)."""
     aggregation: Any = "token_mean"
     """aggregation part or its name (see parts.AGGREGATIONS)."""
+    correction: Any = ()
+    """rollout-engine corrections (a part or a tuple of parts: TruncatedIS, MaskedIS,
+    OffPolicySequenceMask); their weights multiply the policy term. Used with `logp_sampler=`."""
     kl_estimator: str = "k3"
-    """estimator of KL(pi_theta || pi_ref): k1, k2, k3 or k3_value_k2_grad."""
+    """estimator of KL(pi_theta || pi_ref) in the loss: k1, k2, k3, abs, or k1+, k3+, abs+ (value of the
+    estimator, gradient of k2); see parts.KL_ESTIMATORS for what each gradient estimates."""
     kl_coef: float = 0.0
     """beta of the KL-to-reference penalty (0: a given logp_ref only feeds the kl_ref metric)."""
+    kl_is_correction: str = "none"
+    """multiply the KL term by pi_theta / pi_old: "none", "token" (DeepSeek-V3.2 eq. 7) or "policy_ratio"
+    (the ratio the gate sees; TRL's use_bias_correction_kl)."""
+    kl_k3_clip: float | None = None
+    """clamp the k3 value to [-c, c] (verl's low_var_kl: 10); None: no clamp."""
     kl_old: parts.KLToOld | None = None
     """KL penalty to the old policy (PPO-KL), fixed or adaptive; None: no such term."""
     entropy_coef: float = 0.0
@@ -105,7 +132,17 @@ class LossConfig:
         if isinstance(self.aggregation, str):
             validate.one_of("aggregation", self.aggregation, parts.AGGREGATIONS)
             object.__setattr__(self, "aggregation", parts.AGGREGATIONS[self.aggregation])
+        correction = self.correction
+        if not isinstance(correction, tuple | list):
+            correction = (correction,)
+        for part in correction:
+            if not callable(part):
+                validate.fail(f"correction must hold callable parts (TruncatedIS, MaskedIS), got {part!r}")
+        object.__setattr__(self, "correction", tuple(correction))
         validate.one_of("kl_estimator", self.kl_estimator, parts.KL_ESTIMATORS)
+        validate.one_of("kl_is_correction", self.kl_is_correction, parts.KL_IS_CORRECTIONS)
+        if self.kl_k3_clip is not None:
+            validate.positive("kl_k3_clip", self.kl_k3_clip)
         for name in ("kl_coef", "entropy_coef", "value_coef"):
             validate.non_negative(name, getattr(self, name))
         if self.value_clip is not None:
@@ -114,6 +151,103 @@ class LossConfig:
             raise validate.ConfigError(f"kl_old must be a KLToOld or None, got {self.kl_old!r}")
         validate.one_of("advantage", self.advantage, ADVANTAGES)
         validate.positive("log_ratio_clip", self.log_ratio_clip)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+    """An advantage estimator with its options, and where the KL to the reference goes if in the reward.
+
+    `estimator`: a key of `ADVANTAGES` (rewards `[P, G]` -> one advantage per response), of
+    `MULTI_REWARD_ADVANTAGES` (rewards `[P, G, K]`) or of `TOKEN_ADVANTAGES` (-> `[P * G, T]` per-token
+    advantages, need the mask). `options`: keyword arguments of the estimator as (name, value) pairs (a
+    tuple keeps the config hashable); `AdvantageConfig.of("group_normalized", eps=1e-4, ddof=1)` builds it.
+    `kl_coef > 0` folds beta * k_t (`kl_estimator`, k1 by default) of every token into the rewards first
+    (`parts.fold_kl_into_rewards`): outcome estimators see u_i - beta sum_t k_t, REINFORCE++ sees it per
+    token. `compute` is the one entry point; `ports.from_trl` / `ports.from_verl` return these.
+    """
+
+    estimator: str = "group_normalized"
+    options: tuple[tuple[str, Any], ...] = ()
+    kl_coef: float = 0.0
+    kl_estimator: str = "k1"
+    reward_weights: tuple[float, ...] | None = None
+    """for rewards `[P, G, K]` and a single-reward estimator: sum_k w_k u_k first (TRL's
+    "sum_then_normalize"; None: all 1)."""
+
+    def __post_init__(self):
+        names = {**ADVANTAGES, **MULTI_REWARD_ADVANTAGES, **TOKEN_ADVANTAGES}
+        validate.one_of("AdvantageConfig.estimator", self.estimator, [n for n in names if n != "token"])
+        object.__setattr__(self, "options", tuple(sorted(dict(self.options).items())))
+        validate.non_negative("AdvantageConfig.kl_coef", self.kl_coef)
+        validate.one_of("AdvantageConfig.kl_estimator", self.kl_estimator, parts.KL_ESTIMATORS)
+        if self.kl_coef > 0 and self.estimator in MULTI_REWARD_ADVANTAGES:
+            validate.fail("AdvantageConfig: no KL in the reward with several rewards per response")
+
+    @classmethod
+    def of(cls, estimator: str, *, kl_coef: float = 0.0, kl_estimator: str = "k1", reward_weights=None,
+           **options):
+        """`AdvantageConfig(estimator, options)` from keyword options."""
+        weights = None if reward_weights is None else tuple(float(w) for w in reward_weights)
+        return cls(estimator, tuple(options.items()), kl_coef, kl_estimator, weights)
+
+    @property
+    def token_level(self) -> bool:
+        """True if `compute` returns per-token advantages `[P * G, T]`."""
+        return self.estimator in TOKEN_ADVANTAGES
+
+    def compute(
+        self,
+        rewards: jax.Array,
+        mask: jax.Array | None = None,
+        logp: jax.Array | None = None,
+        logp_ref: jax.Array | None = None,
+    ) -> jax.Array:
+        """Advantages of prompt-major rewards.
+
+        Args:
+          rewards: `[P, G]` response scores (`[P, G, K]` for "multi_reward").
+          mask: `[P * G, T]` response mask (per-token estimators and a KL in the reward).
+          logp, logp_ref: `[P * G, T]` log-probs of the sampled tokens under the sampling policy and the
+            reference (a KL in the reward).
+
+        Returns:
+          `[P * G]` one advantage per response, or `[P * G, T]` for per-token estimators.
+        """
+        options = dict(self.options)
+        if rewards.ndim == 3 and self.estimator not in MULTI_REWARD_ADVANTAGES:
+            weights = jnp.ones(rewards.shape[-1], rewards.dtype) if self.reward_weights is None else \
+                jnp.asarray(self.reward_weights, rewards.dtype)
+            rewards = jnp.tensordot(rewards, weights, axes=1)
+        if options.pop("token_weighted", False):  # verl's gdpo: batch statistics over tokens
+            if mask is None:
+                raise ValueError("token_weighted advantages need the response mask")
+            lengths = jnp.sum(jnp.asarray(mask) > 0, axis=-1).astype(rewards.dtype)
+            options["lengths"] = lengths.reshape(rewards.shape[:2])
+        if self.kl_coef > 0:
+            if mask is None or logp is None or logp_ref is None:
+                raise ValueError("a KL in the reward needs mask, logp and logp_ref")
+            zeros = jnp.zeros(mask.shape, rewards.dtype)
+            penalty = parts.fold_kl_into_rewards(zeros, logp, logp_ref, mask, self.kl_coef, self.kl_estimator)
+        if self.estimator in TOKEN_ADVANTAGES:
+            if mask is None:
+                raise ValueError(f"advantage estimator {self.estimator!r} needs the response mask")
+            if self.estimator == "reinforce_pp":
+                token_rewards = parts.outcome_token_rewards(rewards.reshape(-1), mask)
+                if self.kl_coef > 0:
+                    token_rewards = token_rewards + penalty
+                return TOKEN_ADVANTAGES[self.estimator](token_rewards, mask, **options)[0]
+            if self.kl_coef > 0:
+                rewards = rewards + jnp.sum(penalty, axis=-1).reshape(rewards.shape)
+            return TOKEN_ADVANTAGES[self.estimator](rewards, mask, **options)
+        if self.kl_coef > 0:
+            if self.estimator in MULTI_REWARD_ADVANTAGES:
+                raise ValueError("a KL in the reward is not defined for several rewards per response")
+            rewards = rewards + jnp.sum(penalty, axis=-1).reshape(rewards.shape)
+        if self.estimator in MULTI_REWARD_ADVANTAGES:
+            if "weights" in options and options["weights"] is not None:
+                options["weights"] = jnp.asarray(options["weights"], rewards.dtype)
+            return MULTI_REWARD_ADVANTAGES[self.estimator](rewards, **options).reshape(-1)
+        return ADVANTAGES[self.estimator](rewards, **options).reshape(-1)
 
 
 def group_advantages(config: LossConfig, rewards: jax.Array) -> jax.Array:
@@ -178,6 +312,8 @@ def loss_terms(
     kl_old: jax.Array | None = None,
     kl_old_coef: jax.Array | float | None = None,
     group_size: int | None = None,
+    logp_sampler: jax.Array | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Numerator sum(w L), this batch's normaliser N, and metrics of a policy-gradient loss.
 
@@ -196,6 +332,10 @@ def loss_terms(
       kl_old_coef: the current coefficient of an adaptive `config.kl_old` (learner state); None: its
         initial `coef`.
       group_size: if given, `zero_adv_frac` counts groups of consecutive rows instead of responses.
+      logp_sampler: log-probs of the sampled tokens under the rollout engine that generated them
+        (constants), the third policy beside old and new; used by `config.correction` and for the
+        mismatch metrics. None: the rollout engine is pi_old (corrections see rho = 1).
+      key: PRNG key for parts that draw random numbers (`CovarianceClip`'s random choice).
 
     Returns:
       `(numerator, normaliser, metrics)`; the loss is numerator / normaliser (0 counts as 1). Masked
@@ -206,7 +346,12 @@ def loss_terms(
       low / high / dual, ratio mean / min / max (of the ratio the gate sees), gate mean, approx
       KL(pi_old || pi_theta) as E[(r - 1) - log r] (k3), KL to the reference (the configured
       estimator), KL to the old policy and its coefficient, entropy, the zero-advantage fraction, the
-      value loss, its clip fraction and the explained variance of the returns by the values.
+      value loss, its clip fraction and the explained variance of the returns by the values; with
+      `logp_sampler`, the rollout-trainer mismatch: mismatch_kl = mean(log pi_sampler - log pi_old) and
+      mismatch_k3 = mean(rho - 1 - log rho), rho = pi_old / pi_sampler (k1 and k3 estimates of
+      KL(pi_sampler || pi_old) on the sampler's tokens); with corrections, the fraction of tokens they
+      truncated or dropped (mismatch_outside_frac) and their mean weight (correction_weight_mean, 1
+      without corrections).
     """
     chex.assert_rank(logp_new, {1, 2})
     if logp_new.ndim == 1:  # control samples: one "token" per row
@@ -215,7 +360,8 @@ def loss_terms(
 
         logp_new, logp_old, advantages, mask, logp_ref, entropy = map(
             column, (logp_new, logp_old, advantages, mask, logp_ref, entropy))
-        values, values_old, returns, kl_old = map(column, (values, values_old, returns, kl_old))
+        values, values_old, returns, kl_old, logp_sampler = map(
+            column, (values, values_old, returns, kl_old, logp_sampler))
     dtype = logp_new.dtype
     if mask is None:
         mask = jnp.ones(logp_new.shape, dtype)
@@ -244,16 +390,53 @@ def loss_terms(
     if config.normalize_advantages:
         advantages = statistics.whiten(advantages, active)
 
+    metrics = dict.fromkeys(METRIC_NAMES, zero)
+    if logp_sampler is not None:
+        chex.assert_equal_shape([logp_sampler, logp_new])
+        logp_sampler = clean(sg(jnp.asarray(logp_sampler, dtype)))
+        d = logp_old - logp_sampler
+        metrics["mismatch_kl"] = mean(-d)
+        d_safe = jnp.clip(d, -config.log_ratio_clip, config.log_ratio_clip)
+        metrics["mismatch_k3"] = mean(jnp.expm1(d_safe) - d_safe)
+
     log_ratio = jnp.clip(logp_new - logp_old, -config.log_ratio_clip, config.log_ratio_clip)
-    ratio_out = config.ratio(log_ratio, mask, advantages)
-    gate_out = config.gate(ratio_out.log_ratio, advantages, logp_new)
-    policy_per_token = -gate_out.objective
+    weight = jnp.ones(logp_new.shape, dtype)  # multiplies the policy term
+    folded = jnp.ones(logp_new.shape, dtype)  # IS weights a ratio part absorbs (VESPO)
+    outside = jnp.zeros(logp_new.shape, bool)
+    sampler = logp_old if logp_sampler is None else logp_sampler
+    absorbs = getattr(config.ratio, "absorbs_correction", False)
+    for part in config.correction:
+        out = part(logp_new, logp_old, sampler, mask, advantages)
+        w = sg(jnp.asarray(out.weight, dtype))
+        if absorbs and getattr(part, "importance_weight", False):
+            folded = folded * w
+        else:
+            weight = weight * w
+        outside = outside | out.outside
+    weight, folded = clean(weight), clean(folded)
+    if config.correction:
+        metrics["mismatch_outside_frac"] = mean(outside & active)
+    metrics["correction_weight_mean"] = mean(weight * folded)
+    ratio_input = log_ratio
+    if absorbs:
+        # VESPO (TRL): IS weights join the sequence ratio, log w += clamp(log weight, log 1e-8, 20).
+        floor = jnp.asarray(1e-8, dtype)
+        log_weight = jnp.clip(jnp.log(jnp.maximum(folded, floor)), jnp.log(floor), 20.0)
+        ratio_input = log_ratio + clean(log_weight)
+    ratio_out = config.ratio(ratio_input, mask, advantages)
+    if getattr(config.gate, "uses_context", False):
+        context = parts.GateContext(mask, logp_old, key)
+        gate_out = config.gate(ratio_out.log_ratio, advantages, logp_new, context)
+    else:
+        gate_out = config.gate(ratio_out.log_ratio, advantages, logp_new)
+    policy_per_token = -weight * gate_out.objective
     per_token = policy_per_token
 
-    metrics = dict.fromkeys(METRIC_NAMES, zero)
     if logp_ref is not None:
         chex.assert_equal_shape([logp_ref, logp_new])
-        kl = parts.KL_ESTIMATORS[config.kl_estimator](logp_new, clean(sg(logp_ref)))
+        kl = parts.kl_penalty(
+            config.kl_estimator, logp_new, clean(sg(logp_ref)), log_ratio, ratio_out.log_ratio,
+            is_correction=config.kl_is_correction, k3_clip=config.kl_k3_clip)
         metrics["kl_ref"] = mean(sg(kl))
         if config.kl_coef > 0:
             per_token = per_token + config.kl_coef * kl

@@ -23,15 +23,30 @@ KL estimators    `KL_ESTIMATORS[name](logp_new, logp_ref) -> [B, T]` (KL to the 
 KL to pi_old     `KLToOld(coef, target, ...)`: PPO's KL penalty, fixed or adaptive (the coefficient is
                  learner state, adapted by `adapt_kl_coef`).
 
+Corrections      `(logp_new, logp_old, logp_sampler, mask, advantages) -> CorrectionOut`
+                 the rollout engine's log-probs as a third policy beside old and new: truncated IS (TIS),
+                 masked IS (MIS / IcePop) at token or sequence level, DeepSeek-V3.2's off-policy sequence
+                 mask (OPSM). Their weight multiplies the policy term of each token.
+KL placement     in the loss (`KL_ESTIMATORS`, `kl_penalty`: k1, k2, k3, abs, "+" straight-through k2
+                 gradients, the pi_theta / pi_old bias correction) or in the reward (`fold_kl_into_rewards`).
+
 The "gate" reported by every gate part is the factor g in d objective / d theta = g * r * A * grad log pi
 (003 eq. 116 and 121): 0/1 for the hard clip, sech^2(tau (r - 1) / 2) for SAPO, clip(r) / r for CISPO.
+
+Gates that need more than the token's own numbers (the old log-probs, the mask, batch statistics, a PRNG
+key) set `uses_context = True` and are called with a fourth argument, a `GateContext`.
+
+Precision: every part follows the dtype of its inputs (float32, float64 under `jax_enable_x64`, bfloat16);
+constants enter as weakly typed Python scalars or in the input's dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -55,6 +70,14 @@ class RatioOut(NamedTuple):
 
 def _no_clip(x: jax.Array) -> jax.Array:
     return jnp.zeros(x.shape, dtype=bool)
+
+
+def _zero(x: jax.Array) -> jax.Array:
+    return jnp.zeros((), x.dtype)
+
+
+def _one(x: jax.Array) -> jax.Array:
+    return jnp.ones((), x.dtype)
 
 
 def _sequence_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -117,6 +140,35 @@ class GeometricMeanClippedRatio:
         return RatioOut(log_s, clipped_low, clipped_high)
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceProductRatio:
+    """VESPO's sequence ratio w_i = prod_t r_t (the product, not GSPO's geometric mean), in log space
+    and clamped to [log_low, log_high], broadcast over tokens.
+
+    TRL's `get_gamma_weights` (`loss_type="vespo"`): log w = clamp(sum_t clamp(log r_t, -20, 20),
+    log 1e-8, 20). With a rollout-engine correction (`LossConfig.correction`) the correction's weights are
+    folded into w as TRL does (log w += sum_t clamp(log weight_t, log 1e-8, 20)) instead of multiplying
+    the loss (`absorbs_correction`). Use with `GammaWeight`.
+    """
+
+    log_low: float = math.log(1e-8)
+    log_high: float = 20.0
+    absorbs_correction = True
+
+    def __post_init__(self):
+        validate.finite("SequenceProductRatio.log_low", self.log_low)
+        validate.greater("SequenceProductRatio.log_high", self.log_high, self.log_low)
+
+    def __call__(self, log_ratio: jax.Array, mask: jax.Array, advantages: jax.Array) -> RatioOut:
+        del advantages
+        total = jnp.sum(jnp.where(mask > 0, log_ratio, _zero(log_ratio)), axis=-1, keepdims=True)
+        clipped = jnp.clip(total, self.log_low, self.log_high)
+        log_w = jnp.broadcast_to(clipped, log_ratio.shape)
+        low = jnp.broadcast_to(total < self.log_low, log_ratio.shape)
+        high = jnp.broadcast_to(total > self.log_high, log_ratio.shape)
+        return RatioOut(log_w, low & (mask > 0), high & (mask > 0))
+
+
 # --- gates --------------------------------------------------------------------------------------
 
 
@@ -140,7 +192,8 @@ class GateOut(NamedTuple):
 class HardClip:
     """PPO/GRPO clipped surrogate min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (003 eq. 96, 101).
 
-    `eps_high=None` means symmetric (eps_high = eps_low). `dual_clip=c > 1` adds the dual clip of Ye et
+    `eps_high=None` means symmetric (eps_high = eps_low); `eps_low=1` removes the lower clip (r >= 0
+    anyway). `dual_clip=c > 1` adds the dual clip of Ye et
     al. (2020, arXiv 1912.09729) for A < 0: max(c A, min(r A, clip(r) A)), as verl's `clip_ratio_c`
     (verl applies it always with c = 3; TRL never). The value equals TRL's `-min(coef_1 A, coef_2 A)`
     and verl's `compute_policy_loss_vanilla`; clipped tokens carry exactly zero gradient (eq. 116).
@@ -151,7 +204,7 @@ class HardClip:
     dual_clip: float | None = None
 
     def __post_init__(self):
-        validate.in_range("HardClip.eps_low", self.eps_low, 0.0, 1.0, low_open=True, high_open=True)
+        validate.in_range("HardClip.eps_low", self.eps_low, 0.0, 1.0, low_open=True)
         if self.eps_high is not None:
             validate.positive("HardClip.eps_high", self.eps_high)
         upper = 1.0 + (self.eps_low if self.eps_high is None else self.eps_high)
@@ -171,7 +224,7 @@ class HardClip:
         else:
             dual_clipped = (advantages < 0) & (ratio > self.dual_clip)
             objective = jnp.where(dual_clipped, self.dual_clip * advantages, objective)
-        gate = jnp.where(clipped_high | clipped_low | dual_clipped, 0.0, 1.0)
+        gate = jnp.where(clipped_high | clipped_low | dual_clipped, _zero(ratio), _one(ratio))
         return GateOut(objective, gate, clipped_low, clipped_high, dual_clipped)
 
 
@@ -213,6 +266,8 @@ class ClippedISWeight:
     cap itself, `clamp(coef_1, max=epsilon_high)`; verl writes 1 + clip_ratio_high as here). The value is
     TRL's and verl's (-sg(w) A log pi, not comparable in size with the clipped surrogates); clipped-token
     counts ignore the sign of A because the weight is clipped for every token (TRL counts A > 0 only).
+    `eps_low >= 1` means no lower bound; a cap below 1 (`-1 < eps_high < 0`) is allowed because TRL's
+    `loss_type="cispo"` caps at `epsilon_high` itself, which defaults to `epsilon` = 0.2.
     """
 
     eps_low: float | None = None
@@ -220,12 +275,12 @@ class ClippedISWeight:
 
     def __post_init__(self):
         if self.eps_low is not None:
-            validate.in_range("ClippedISWeight.eps_low", self.eps_low, 0.0, 1.0, low_open=True)
-        validate.positive("ClippedISWeight.eps_high", self.eps_high)
+            validate.positive("ClippedISWeight.eps_low", self.eps_low)
+        validate.greater("ClippedISWeight.eps_high (the cap 1 + eps_high must be > 0)", self.eps_high, -1.0)
 
     def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array) -> GateOut:
         ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))
-        lower = 0.0 if self.eps_low is None else 1.0 - self.eps_low
+        lower = 0.0 if self.eps_low is None else max(1.0 - self.eps_low, 0.0)
         weight = jnp.clip(ratio, lower, 1.0 + self.eps_high)
         objective = weight * advantages * logp_new
         clipped_high = ratio > 1.0 + self.eps_high
@@ -258,6 +313,380 @@ class ScoreFunction:
         ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))
         no = _no_clip(ratio)
         return GateOut(advantages * logp_new, 1.0 / ratio, no, no, no)
+
+
+class GateContext(NamedTuple):
+    """What a gate with `uses_context = True` receives besides the token's own numbers.
+
+    mask: `[B, T]` float mask of the batch the loss sees. logp_old: `[B, T]` log pi_old (constants, 0 on
+    masked tokens). key: a PRNG key passed to the loss (`key=`), or None.
+    """
+
+    mask: jax.Array
+    logp_old: jax.Array
+    key: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DRO:
+    """Direct Reward Optimisation's quadratic penalty: objective A log pi - (beta / 2) (log pi / pi_old)^2.
+
+    Richemond et al. 2024 ("Offline Regularised Reinforcement Learning for Large Language Models
+    Alignment", arXiv 2405.19107) and Kimi k1.5 (Kimi Team 2025, arXiv 2501.12599): the policy gradient
+    A grad log pi plus a penalty whose gradient -beta log r grad log pi pulls each token back towards the
+    sampling policy. Value and gradient are verl's `compute_policy_loss_dro` (`policy_loss.dro_beta`) and
+    Tinker's `dro` loss (Tinker sums over tokens, verl uses `loss_agg_mode`). Neither library has a
+    default beta (verl requires it); the 0.1 here is polygrad's choice, not a published default. `gate`
+    reports 1 / r as for the score function.
+    """
+
+    beta: float = 0.1
+
+    def __post_init__(self):
+        validate.positive("DRO.beta", self.beta)
+
+    def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array) -> GateOut:
+        ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))
+        objective = advantages * logp_new - (0.5 * self.beta) * log_ratio**2
+        no = _no_clip(ratio)
+        return GateOut(objective, 1.0 / ratio, no, no, no)
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceMask:
+    """DPPO: drop tokens whose probability moved too far from pi_old, measured by a divergence of the
+    token's probabilities instead of the ratio (Qi et al. 2026, "Rethinking the Trust Region in LLM
+    Reinforcement Learning", arXiv 2602.04879; verl's `dppo_tv` / `dppo_kl`).
+
+        objective = sg(min(r, cap)) * valid * A * log pi,   p = pi(y_t), q = pi_old(y_t)
+        tv:         valid = (p - q <= eps_high) if A > 0 else (p - q >= -eps_low)
+        binary_kl:  D = q log(q / p) + (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8)) (KL of the two
+                    Bernoulli distributions "this token or another");
+                    valid = (D <= eps_high or p <= q) if A > 0 else (D <= eps_low or p >= q)
+
+    So a token is dropped only when the update pushes it further out in the advantage's direction (the
+    same one-sidedness as PPO's clip), and the threshold is on the probability mass moved, which does not
+    over-penalise rare tokens as the ratio does. `cap` truncates the IS weight (verl's `clip_ratio_c`:
+    3.0 unless configured; the authors' script uses 1e4, i.e. none). `divergence="tv"` with the authors'
+    threshold 0.15, `"binary_kl"` with 0.05 (verl `examples/dppo_trainer`). Valid tokens have gate
+    min(r, cap) / r; dropped ones 0 (counted in clip_frac_high / clip_frac_low by the sign of A), and
+    tokens held at the cap in dual_clip_frac.
+    """
+
+    divergence: str = "tv"
+    eps_low: float = 0.15
+    eps_high: float | None = None
+    cap: float | None = 1e4
+    uses_context = True
+
+    def __post_init__(self):
+        validate.one_of("DivergenceMask.divergence", self.divergence, ("tv", "binary_kl"))
+        validate.positive("DivergenceMask.eps_low", self.eps_low)
+        if self.eps_high is not None:
+            validate.positive("DivergenceMask.eps_high", self.eps_high)
+        if self.cap is not None:
+            validate.positive("DivergenceMask.cap", self.cap)
+
+    def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array,
+                 ctx: GateContext) -> GateOut:
+        sg = jax.lax.stop_gradient
+        eps_high = self.eps_low if self.eps_high is None else self.eps_high
+        logp, logq = sg(logp_new), ctx.logp_old
+        p, q = jnp.exp(logp), jnp.exp(logq)
+        if self.divergence == "tv":
+            valid_pos = p - q <= eps_high
+            valid_neg = p - q >= -self.eps_low
+        else:
+            d = q * (logq - logp) + (1.0 - q) * jnp.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+            valid_pos = (d <= eps_high) | (p <= q)
+            valid_neg = (d <= self.eps_low) | (p >= q)
+        valid = jnp.where(advantages > 0, valid_pos, valid_neg)
+        ratio = sg(jnp.exp(log_ratio))
+        weight = ratio if self.cap is None else jnp.minimum(ratio, self.cap)
+        objective = jnp.where(valid, weight * advantages * logp_new, _zero(ratio))
+        capped = valid & (ratio > (jnp.inf if self.cap is None else self.cap))
+        gate = jnp.where(valid, weight / ratio, _zero(ratio))
+        return GateOut(objective, gate, ~valid & (advantages < 0), ~valid & (advantages > 0), capped)
+
+
+def _token_covariance(advantages: jax.Array, logp: jax.Array, active: jax.Array) -> jax.Array:
+    """(A - mean A) (log pi - mean log pi) per token, means over the active tokens; -inf elsewhere."""
+    def mean(x):
+        total = jnp.sum(jnp.where(active, x, _zero(x)))
+        return total / jnp.maximum(jnp.sum(active), 1).astype(x.dtype)
+
+    cov = (advantages - mean(advantages)) * (logp - mean(logp))
+    return jnp.where(active, cov, -jnp.inf)
+
+
+def _select_first(priority: jax.Array, candidates: jax.Array, count: jax.Array) -> jax.Array:
+    """The `count` candidates of lowest priority (a traced count is fine), as a mask of `priority`'s shape."""
+    flat = jnp.where(candidates, priority, jnp.inf).reshape(-1)
+    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True).reshape(priority.shape)
+    return candidates & (ranks < count)
+
+
+def _selection_count(fraction: float, active: jax.Array) -> jax.Array:
+    """max(floor(fraction * number of active tokens), 1) as verl computes it in double precision."""
+    n = jnp.sum(active).astype(jnp.float32)
+    return jnp.maximum(jnp.floor(n * fraction * (1.0 + 1e-6)), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CovarianceClip:
+    """Clip-Cov: the clipped surrogate, with the gradient of a few high-covariance tokens removed (Cui et
+    al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", arXiv
+    2505.22617; verl's `clip_cov`).
+
+    cov_t = (A_t - mean A)(log pi_t - mean log pi) over the active tokens of the batch the loss sees.
+    Among the tokens not already clipped whose cov lies in (cov_low, cov_high), max(floor(fraction *
+    n_active), 1) are chosen and their loss set to 0: verl picks them at random (`torch.randperm`); with
+    a `key=` passed to the loss polygrad does the same (a uniformly random subset), without a key it
+    takes the candidates of largest covariance (deterministic). Defaults: the authors' scripts
+    (fraction 2e-4, bounds (1, 5), `clip_ratio_low = clip_ratio_high = 1`; verl's config default clip
+    range is 0.2). The covariance is a batch statistic, so this part is not micro-batch exact (verl
+    computes it per micro-batch too). Chosen tokens count in clip_frac_high / clip_frac_low by the sign
+    of A.
+    """
+
+    eps_low: float = 1.0
+    eps_high: float | None = None
+    fraction: float = 2e-4
+    cov_low: float = 1.0
+    cov_high: float = 5.0
+    uses_context = True
+
+    def __post_init__(self):
+        HardClip(self.eps_low, self.eps_high)  # validates the clip range
+        validate.in_range("CovarianceClip.fraction", self.fraction, 0.0, 1.0, low_open=True)
+        validate.finite("CovarianceClip.cov_low", self.cov_low)
+        validate.greater("CovarianceClip.cov_high", self.cov_high, self.cov_low)
+
+    def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array,
+                 ctx: GateContext) -> GateOut:
+        base = HardClip(self.eps_low, self.eps_high)(log_ratio, advantages, logp_new)
+        active = ctx.mask > 0
+        cov = _token_covariance(advantages, jax.lax.stop_gradient(logp_new), active)
+        inside = (cov > self.cov_low) & (cov < self.cov_high)
+        candidates = active & ~(base.clipped_low | base.clipped_high) & inside
+        count = _selection_count(self.fraction, active)
+        if ctx.key is None:
+            priority = -cov
+        else:
+            priority = jax.random.uniform(ctx.key, cov.shape, jnp.float32)
+        chosen = _select_first(priority, candidates, count)
+        zero = _zero(base.objective)
+        objective = jnp.where(chosen, zero, base.objective)
+        gate = jnp.where(chosen, zero, base.gate)
+        return GateOut(objective, gate, base.clipped_low | (chosen & (advantages <= 0)),
+                       base.clipped_high | (chosen & (advantages > 0)), base.dual_clipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class CovarianceKL:
+    """KL-Cov: the unclipped surrogate r A, plus a penalty coef |log r| on the tokens of largest
+    covariance (Cui et al. 2025, arXiv 2505.22617; verl's `kl_cov`).
+
+    cov_t as in `CovarianceClip`; the max(floor(fraction * n_active), 1) tokens of largest cov get the
+    objective r A - coef |log(pi / pi_old)|. Defaults are the authors' 7B script (`k_percent=0.2`, i.e. a
+    fraction 2e-3, `ppo_kl_coef=1`); verl's config defaults are 2e-4 and 0.1. Not micro-batch exact (batch
+    statistic, as in verl). Penalised tokens count in clip_frac_high / clip_frac_low by the sign of A.
+    """
+
+    fraction: float = 2e-3
+    coef: float = 1.0
+    uses_context = True
+
+    def __post_init__(self):
+        validate.in_range("CovarianceKL.fraction", self.fraction, 0.0, 1.0, low_open=True)
+        validate.non_negative("CovarianceKL.coef", self.coef)
+
+    def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array,
+                 ctx: GateContext) -> GateOut:
+        active = ctx.mask > 0
+        cov = _token_covariance(advantages, jax.lax.stop_gradient(logp_new), active)
+        chosen = _select_first(-cov, active, _selection_count(self.fraction, active))
+        ratio = jnp.exp(log_ratio)
+        zero = _zero(ratio)
+        # sign(x) x: |x| with torch's gradient 0 at x = 0 (jnp.abs has 1 there)
+        objective = ratio * advantages - jnp.where(chosen, self.coef * jnp.sign(log_ratio) * log_ratio, zero)
+        r, a = jax.lax.stop_gradient(ratio), advantages
+        safe = jnp.where(a != 0, r * a, _one(r))
+        sign = jnp.sign(jax.lax.stop_gradient(log_ratio))
+        gate = jnp.where(chosen & (a != 0), 1.0 - self.coef * sign / safe, _one(r))
+        no = _no_clip(ratio)
+        return GateOut(objective, gate, chosen & (a <= 0), chosen & (a > 0), no)
+
+
+@dataclasses.dataclass(frozen=True)
+class GammaWeight:
+    """VESPO's soft weight: objective sg(phi(w)) A log pi with phi(w) = e^lambda w^k e^(-lambda w), w the
+    sequence ratio (use with `SequenceProductRatio`).
+
+    Variational sequence-level soft policy optimisation (arXiv 2602.10693), as implemented in TRL's
+    `get_gamma_weights` (`loss_type="vespo"`): phi(1) = 1, phi -> 0 for w -> 0 (power k) and for large
+    w (exponential decay lambda), with (k, lambda) = (k_pos, lambda_pos) where A >= 0 and (k_neg,
+    lambda_neg) where A < 0 (TRL's defaults 2, 3, 3, 2); lambda is clamped at 1e-4 and phi's NaN / inf
+    mapped to 0 as TRL does. The formula is TRL's; the paper itself was not available to check it.
+    """
+
+    k_pos: float = 2.0
+    lambda_pos: float = 3.0
+    k_neg: float = 3.0
+    lambda_neg: float = 2.0
+
+    def __post_init__(self):
+        for name in ("k_pos", "lambda_pos", "k_neg", "lambda_neg"):
+            validate.non_negative(f"GammaWeight.{name}", getattr(self, name))
+
+    def __call__(self, log_ratio: jax.Array, advantages: jax.Array, logp_new: jax.Array) -> GateOut:
+        log_w = jax.lax.stop_gradient(log_ratio)
+        dtype = log_w.dtype
+        nonneg = advantages >= 0
+        k = jnp.where(nonneg, jnp.asarray(self.k_pos, dtype), jnp.asarray(self.k_neg, dtype))
+        lam = jnp.where(nonneg, jnp.asarray(self.lambda_pos, dtype), jnp.asarray(self.lambda_neg, dtype))
+        lam = jnp.maximum(lam, jnp.asarray(1e-4, dtype))
+        phi = jnp.exp(lam + k * log_w - lam * jnp.exp(log_w))
+        phi = jnp.where(jnp.isfinite(phi), phi, _zero(phi))
+        no = _no_clip(log_w)
+        return GateOut(phi * advantages * logp_new, phi * jnp.exp(-log_w), no, no, no)
+
+
+# --- rollout-engine corrections (three policies: sampler, old, new) -----------------------------
+#
+# The rollout engine (vLLM, SGLang, a bf16 sampler) samples with pi_sampler, which differs numerically
+# from the trainer's pi_old even at the same parameters. The loss is an expectation under pi_old, the data
+# come from pi_sampler: the importance weight rho = pi_old / pi_sampler corrects for it (token level, or
+# per sequence the product of the token weights). Every correction part maps
+# (logp_new, logp_old, logp_sampler, mask, advantages) to a stop-gradient weight on the policy term of each
+# token; without sampler log-probs the loss passes logp_sampler = logp_old, so rho = 1.
+
+_SAFETY_LOG = 20.0  # verl's SAFETY_BOUND: log-weights are clamped to [-20, 20] before exp
+
+
+class CorrectionOut(NamedTuple):
+    """weight: `[B, T]` stop-gradient factor on the policy term (0 drops the token); outside: `[B, T]`
+    bool, tokens whose weight this part truncated or dropped."""
+
+    weight: jax.Array
+    outside: jax.Array
+
+
+def _mismatch_log_weight(logp_old, logp_sampler, mask, level):
+    """log(pi_old / pi_sampler) per token, or summed over the response and broadcast; clamped to +-20."""
+    d = jnp.where(mask > 0, logp_old - logp_sampler, _zero(logp_old))
+    if level == "sequence":
+        d = jnp.broadcast_to(jnp.sum(d, axis=-1, keepdims=True), d.shape)
+    return jnp.clip(d, -_SAFETY_LOG, _SAFETY_LOG)
+
+
+def _check_bounds(name, low, high):
+    if low is None and high is None:
+        validate.fail(f"{name} needs at least one bound")
+    if low is not None:
+        validate.positive(f"{name} lower bound", low)
+    if high is not None:
+        validate.positive(f"{name} upper bound", high)
+    if low is not None and high is not None and low >= high:
+        validate.fail(f"{name} lower bound must be < upper bound, got {low} >= {high}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncatedIS:
+    """Truncated importance sampling (TIS): weight clip(rho, cap_min, cap_max), rho = pi_old / pi_sampler.
+
+    Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training" (the TIS
+    blog, fengyao.notion.site/off-policy-rl); verl's decoupled `rollout_is` (token or sequence, upper cap
+    `rollout_is_threshold`, default 2) and TRL's `vllm_importance_sampling_mode="token_truncate"` /
+    `"sequence_truncate"` (C_min, C_max; C_max default 3). `level="sequence"` uses prod_t rho_t for every
+    token of the response (verl and TRL both take the product). The truncation trades a bias for bounded
+    variance; tokens above the cap (or below the floor) are reported as outside the band.
+    """
+
+    level: str = "token"
+    cap_max: float | None = 2.0
+    cap_min: float | None = None
+    importance_weight = True  # an IS weight: VESPO folds it into its sequence ratio
+
+    def __post_init__(self):
+        validate.one_of("TruncatedIS.level", self.level, ("token", "sequence"))
+        _check_bounds("TruncatedIS", self.cap_min, self.cap_max)
+
+    def __call__(self, logp_new, logp_old, logp_sampler, mask, advantages) -> CorrectionOut:
+        del logp_new, advantages
+        rho = jnp.exp(_mismatch_log_weight(logp_old, logp_sampler, mask, self.level))
+        weight = jnp.clip(rho, self.cap_min, self.cap_max)
+        outside = jnp.zeros(rho.shape, bool)
+        if self.cap_max is not None:
+            outside = outside | (rho > self.cap_max)
+        if self.cap_min is not None:
+            outside = outside | (rho < self.cap_min)
+        return CorrectionOut(jax.lax.stop_gradient(weight), outside & (mask > 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedIS:
+    """Masked importance sampling (MIS, IcePop): tokens (or whole responses) whose rho = pi_old /
+    pi_sampler leaves [low, high] are dropped; the others keep the weight rho (`reweight=True`) or 1.
+
+    IcePop (Ring-1T, inclusionAI 2025, arXiv 2510.18855; ringtech.notion.site/icepop) with its band
+    [0.5, 5] at token level, the defaults here; "When Speed Kills Stability" (Liu, Li et al. 2025,
+    richardli.xyz/rl-collapse) at sequence level. Matches TRL's `"token_mask"` / `"sequence_mask"` (TRL's
+    default mode: sequence level, C_max 3, no lower bound) and verl's `rollout_is_threshold="low_high"`
+    (IcePop), which keep rho as the weight inside the band and leave the token in the normaliser.
+    `reweight=False` keeps weight 1 inside the band (pure rejection). `None` bounds are open.
+    """
+
+    level: str = "token"
+    low: float | None = 0.5
+    high: float | None = 5.0
+    reweight: bool = True
+    importance_weight = True
+
+    def __post_init__(self):
+        validate.one_of("MaskedIS.level", self.level, ("token", "sequence"))
+        _check_bounds("MaskedIS", self.low, self.high)
+
+    def __call__(self, logp_new, logp_old, logp_sampler, mask, advantages) -> CorrectionOut:
+        del logp_new, advantages
+        rho = jnp.exp(_mismatch_log_weight(logp_old, logp_sampler, mask, self.level))
+        keep = jnp.ones(rho.shape, bool)
+        if self.low is not None:
+            keep = keep & (rho >= self.low)
+        if self.high is not None:
+            keep = keep & (rho <= self.high)
+        weight = jnp.where(keep, rho if self.reweight else _one(rho), _zero(rho))
+        return CorrectionOut(jax.lax.stop_gradient(weight), ~keep & (mask > 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class OffPolicySequenceMask:
+    """DeepSeek-V3.2's off-policy sequence masking (OPSM; DeepSeek-AI 2025, arXiv 2512.02556, eq. 9):
+    drop a response with a negative advantage whose mean per-token KL from the sampling policy exceeds
+    delta, (1 / |y|) sum_t log(pi_sampler(y_t) / pi_theta(y_t)) > delta.
+
+    The KL is measured against the CURRENT policy (stop-gradient), so the mask tightens as the update
+    moves away from the data; responses with A >= 0 are always kept. Transcribes TRL's
+    `get_off_policy_mask` (`off_policy_mask_threshold`, which uses the sampler's log-probs, or pi_old's
+    without them). TRL documents no default delta ("a positive value, e.g. 0.5"), so none is set here.
+    """
+
+    delta: float
+
+    def __post_init__(self):
+        validate.positive("OffPolicySequenceMask.delta", self.delta)
+
+    def __call__(self, logp_new, logp_old, logp_sampler, mask, advantages) -> CorrectionOut:
+        del logp_old
+        d = jnp.where(mask > 0, logp_sampler - jax.lax.stop_gradient(logp_new), _zero(logp_new))
+        length = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), _one(mask))
+        seq_kl = jnp.sum(d, axis=-1, keepdims=True) / length
+        keep = (advantages >= 0) | (seq_kl <= self.delta)
+        weight = jnp.where(keep, _one(logp_new), _zero(logp_new))
+        return CorrectionOut(weight, ~keep & (mask > 0))
+
+
+CORRECTIONS = (TruncatedIS, MaskedIS, OffPolicySequenceMask)
 
 
 # --- aggregations -------------------------------------------------------------------------------
@@ -378,6 +807,42 @@ AGGREGATIONS = {
 
 
 # --- KL to the reference policy -----------------------------------------------------------------
+#
+# Per-token estimators k(x) of KL(pi_theta || pi_ref) for x ~ pi_theta (Schulman 2020, "Approximating KL
+# divergence"), r = pi_ref / pi_theta. What matters for training is the expected GRADIENT of the term,
+# not its value (A Comedy of Estimators, Shah et al. 2025, arXiv 2512.21852; TRL issue #4967). For one
+# token (a single categorical, x ~ pi_theta, on-policy):
+#
+#   estimator  value E[k]               in the loss: E[grad k]                 unbiased grad of KL(pi||ref)?
+#   k1         log pi - log ref: KL     E[grad log pi] = 0: no force at all   no (pure noise)
+#   k2         (log r)^2 / 2, biased    E[k1 grad log pi] = grad KL(pi||ref)  yes
+#   k3         r - 1 - log r: KL        E[(1 - r) grad log pi]                 no: it is grad KL(ref||pi),
+#                                         = -sum_x ref(x) grad log pi(x)        the other direction
+#   abs        |log pi - log ref|       E[sign(k1) grad log pi]                no
+#   k1+, k3+,  value of k1 / k3 / abs,   k2's gradient                          yes ("+": verl's
+#   abs+       gradient of k2                                                   straight-through trick)
+#   k * pi/pi_old (is_correction)        E_old[grad(r_old k)] = grad E_pi[k]    yes for k1 and k3, also
+#              (DeepSeek-V3.2 eq. 7; TRL use_bias_correction_kl)                off-policy (x ~ pi_old)
+#
+# In the reward (`fold_kl_into_rewards`): r_t - beta k_t enters the return, and the score-function
+# gradient E[(sum_t' k_t') grad log pi] is the unbiased gradient of the sequence-level KL for k1
+# (InstructGPT, REINFORCE++; the paper's recommendation), biased for k3 (its mean is right, but the
+# score function needs the k1 value per sample). For sequences, every in-loss estimator (k2 and the
+# corrected k3 included) only gives sum_t E_s[grad KL(pi(.|s_t) || ref(.|s_t))] with the visited states held
+# fixed; it misses how pi changes the later states, so it is unbiased per token and biased for the
+# sequence-level KL. `experiments/kl_placement.py` measures each bias exactly on small categoricals.
+
+
+def kl_abs(logp: jax.Array, logp_ref: jax.Array) -> jax.Array:
+    """|log pi - log ref| per token (verl's `kl_penalty="abs"`); not an unbiased estimate of the KL. Its
+    gradient at log pi = log ref is 0, as torch's `abs`."""
+    k1 = distributions.kl_k1(logp, logp_ref)
+    return jnp.sign(k1) * k1
+
+
+def _straight_through_k2(value: jax.Array, logp: jax.Array, logp_ref: jax.Array) -> jax.Array:
+    k2 = distributions.kl_k2(logp, logp_ref)
+    return k2 - jax.lax.stop_gradient(k2) + jax.lax.stop_gradient(value)
 
 
 def kl_k3_value_k2_gradient(logp: jax.Array, logp_ref: jax.Array) -> jax.Array:
@@ -386,19 +851,108 @@ def kl_k3_value_k2_gradient(logp: jax.Array, logp_ref: jax.Array) -> jax.Array:
     k3 is unbiased and non-negative for KL(pi || ref), but its expected gradient is not the gradient of
     the KL; k2's is (Schulman, 2020). This straight-through form reports k3 and follows k2's gradient.
     """
-    k2 = distributions.kl_k2(logp, logp_ref)
-    k3 = distributions.kl_k3(logp, logp_ref)
-    return k2 - jax.lax.stop_gradient(k2) + jax.lax.stop_gradient(k3)
+    return _straight_through_k2(distributions.kl_k3(logp, logp_ref), logp, logp_ref)
 
 
-# Per-token estimators of KL(pi_theta || pi_ref) from samples of pi_old (~ pi_theta near on-policy).
-# k1 is 003 eq. 87's log-ratio; k3 is DeepSeekMath's (and TRL's) default; k2 = (log r)^2 / 2 as verl.
+# Estimator name -> (logp, logp_ref) -> [B, T]. "+" names: the value of the named estimator with the
+# gradient of k2 (verl's suffix); "k3_value_k2_grad" is the older name of "k3+".
 KL_ESTIMATORS = {
     "k1": distributions.kl_k1,
     "k2": distributions.kl_k2,
     "k3": distributions.kl_k3,
+    "abs": kl_abs,
+    "k1+": lambda logp, ref: _straight_through_k2(distributions.kl_k1(logp, ref), logp, ref),
+    "k3+": kl_k3_value_k2_gradient,
+    "abs+": lambda logp, ref: _straight_through_k2(kl_abs(logp, ref), logp, ref),
     "k3_value_k2_grad": kl_k3_value_k2_gradient,
 }
+
+KL_IS_CORRECTIONS = ("none", "token", "policy_ratio")
+
+
+def kl_penalty(
+    estimator: str,
+    logp_new: jax.Array,
+    logp_ref: jax.Array,
+    token_log_ratio: jax.Array | None = None,
+    policy_log_ratio: jax.Array | None = None,
+    *,
+    is_correction: str = "none",
+    k3_clip: float | None = None,
+) -> jax.Array:
+    """The per-token KL-to-reference term of the loss, `[B, T]` (differentiated through `logp_new`).
+
+    Args:
+      estimator: a key of `KL_ESTIMATORS`.
+      logp_new, logp_ref: log pi_theta (with gradient) and log pi_ref (constant) of the sampled tokens.
+      token_log_ratio: log(pi_theta / pi_old) per token, with gradient (for `is_correction="token"`).
+      policy_log_ratio: the log-ratio the gate sees (token or sequence level), with gradient (for
+        `is_correction="policy_ratio"`).
+      is_correction: "none"; "token": multiply by pi_theta / pi_old per token (DeepSeek-V3.2 eq. 7, the
+        unbiased gradient of KL(pi_theta || ref) from pi_old samples); "policy_ratio": multiply by the
+        ratio the gate sees, TRL's `use_bias_correction_kl` (equal to "token" at token level; with
+        GSPO's sequence ratio TRL multiplies by the sequence ratio, see TRL issue #6586).
+      k3_clip: clamp the k3 value to [-c, c] (verl's `low_var_kl` uses 10); applies to "k3" and "k3+".
+
+    Returns:
+      `[B, T]` per-token penalty.
+    """
+    kl = KL_ESTIMATORS[estimator](logp_new, logp_ref)
+    if k3_clip is not None and estimator in ("k3", "k3+", "k3_value_k2_grad"):
+        k3 = jnp.clip(distributions.kl_k3(logp_new, logp_ref), -k3_clip, k3_clip)
+        kl = k3 if estimator == "k3" else _straight_through_k2(k3, logp_new, logp_ref)
+    if is_correction == "token":
+        kl = kl * jnp.exp(token_log_ratio)
+    elif is_correction == "policy_ratio":
+        kl = kl * jnp.exp(policy_log_ratio)
+    return kl
+
+
+def fold_kl_into_rewards(
+    token_rewards: jax.Array,
+    logp: jax.Array,
+    logp_ref: jax.Array,
+    mask: jax.Array,
+    coef: float | jax.Array,
+    estimator: str = "k1",
+) -> jax.Array:
+    """KL in the reward: r_t - coef * k_t per token, `[B, T]` -> `[B, T]`, 0 on inactive tokens.
+
+    The placement of InstructGPT (Ouyang et al. 2022, eq. 2) and REINFORCE++ (Hu et al. 2025), and
+    verl's `use_kl_in_reward` (`apply_kl_penalty`, default estimator "kl" = k1, on the behaviour
+    policy's log-probs). With k1 the score-function gradient of the shaped return is the unbiased
+    gradient of the sequence-level KL(pi || ref) (Shah et al. 2025, arXiv 2512.21852); with k3 it is
+    biased. Everything is stop-gradient: the KL acts only through the advantages. Sum the result over
+    tokens for outcome estimators (GRPO, RLOO), or pass it to `reinforce_plus_plus_advantages`.
+
+    Args:
+      token_rewards: `[B, T]` rewards (e.g. `outcome_token_rewards(scores, mask)`).
+      logp, logp_ref: `[B, T]` log-probs of the sampled tokens under the sampling and reference policies.
+      mask: `[B, T]` response mask.
+      coef: beta >= 0.
+      estimator: a key of `KL_ESTIMATORS` (values only; "+" variants equal their base here).
+    """
+    chex.assert_equal_shape([token_rewards, logp, logp_ref, mask])
+    validate.one_of("estimator", estimator, KL_ESTIMATORS)
+    if isinstance(coef, int | float):
+        validate.non_negative("coef", coef)
+    sg = jax.lax.stop_gradient
+    active = jnp.asarray(mask) > 0
+    zero = _zero(token_rewards)
+    logp, logp_ref = jnp.where(active, sg(logp), zero), jnp.where(active, sg(logp_ref), zero)
+    kl = sg(KL_ESTIMATORS[estimator](logp, logp_ref))
+    return jnp.where(active, token_rewards - coef * kl, zero)
+
+
+def outcome_token_rewards(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """`[B]` response scores placed on the last active token of each response, `[B, T]` (0 elsewhere;
+    an all-masked response gets nothing)."""
+    chex.assert_rank([scores, mask], [1, 2])
+    chex.assert_axis_dimension(scores, 0, mask.shape[0])
+    active = jnp.asarray(mask) > 0
+    last = jnp.sum(active, axis=-1, keepdims=True) - 1
+    at_end = (jnp.arange(mask.shape[-1])[None, :] == last) & active
+    return jnp.where(at_end, scores[:, None], jnp.zeros((), scores.dtype))
 
 
 # --- KL to the old policy (PPO's penalty) ---------------------------------------------------------

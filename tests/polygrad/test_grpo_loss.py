@@ -153,6 +153,10 @@ def reference_loss(name, b):
     lp, old, ref, m = (b[k].astype(np.float64) for k in ("logp_new", "logp_old", "logp_ref", "mask"))
     A = b["adv"].astype(np.float64)[:, None]
     coef_1 = np.exp(lp - old)
+    m_local = m
+
+    def token_mean(mat):
+        return (mat * m_local).sum() / m_local.sum()
 
     def trl(eps_low, eps_high, beta, loss_type, level="token"):
         if level == "sequence":
@@ -205,9 +209,6 @@ def reference_loss(name, b):
     v, v_old, ret = (b[k].astype(np.float64) for k in ("values", "values_old", "returns"))
     H = b["entropy"].astype(np.float64)
 
-    def token_mean(mat):
-        return (mat * m).sum() / m.sum()
-
     def seq_mean_token_sum(mat):
         return (mat * m).sum(-1).mean()
 
@@ -227,6 +228,47 @@ def reference_loss(name, b):
         return seq_mean_token_sum(-token_adv * lp + 0.5 * 0.5 * (v - ret) ** 2)
     if name == "rloo":  # unclipped r A, summed over each response, mean over responses
         return seq_mean_token_sum(-coef_1 * A)
+    if name == "gpg":  # verl compute_policy_loss_gpg, token-mean
+        return token_mean(-lp * A)
+    if name == "dro":  # verl compute_policy_loss_dro with dro_beta = 0.1
+        return token_mean(-(lp * A - 0.5 * 0.1 * (lp - old) ** 2))
+    if name in ("dppo_tv", "dppo_kl"):  # verl compute_policy_loss_dppo_*, clip 0.15 / 0.05, cap 1e4
+        prob, old_prob = np.exp(lp), np.exp(old)
+        if name == "dppo_tv":
+            valid = np.where(A > 0, prob - old_prob <= 0.15, prob - old_prob >= -0.15)
+        else:
+            with np.errstate(invalid="ignore"):  # log-probs above 0 in the random batch: NaN, never valid
+                tail = np.log((1 - old_prob + 1e-8) / (1 - prob + 1e-8))
+                kl = old_prob * (old - lp) + (1 - old_prob) * tail
+            valid = np.where(A > 0, (kl <= 0.05) | (prob <= old_prob), (kl <= 0.05) | (prob >= old_prob))
+        per_token = -A * np.minimum(coef_1, 1e4) * lp * valid
+        return ((per_token * m).sum(-1) / m.shape[1]).mean()  # seq-mean-token-sum-norm, T = padded length
+    if name in ("clip_cov", "kl_cov"):  # verl compute_policy_loss_clip_cov / kl_cov
+        active = m > 0
+        adv_t = np.broadcast_to(A, m.shape)
+        cov = (adv_t - adv_t[active].mean()) * (lp - lp[active].mean())
+        if name == "kl_cov":  # top max(1, int(n * 2e-3)) = 1 covariance token gets + |log r|
+            top = np.unravel_index(np.argmax(np.where(active, cov, -np.inf)), m.shape)
+            per_token = -adv_t * coef_1
+            per_token[top] += np.abs(lp - old)[top]
+            return token_mean(per_token)
+        l1, l2 = -adv_t * coef_1, -adv_t * np.clip(coef_1, 0.0, 2.0)  # clip ratio 1 / 1
+        candidates = active & ~(l2 > l1) & (cov > 1.0) & (cov < 5.0)
+        corr = np.ones_like(cov)
+        if candidates.any():  # verl draws max(int(2e-4 n), 1) = 1 of them at random; without a key,
+            corr[np.unravel_index(np.argmax(np.where(candidates, cov, -np.inf)), m.shape)] = 0  # the largest
+        return token_mean(np.maximum(l1, l2) * corr)
+    if name == "luspo":  # TRL loss_type="luspo", importance_sampling_level="sequence", GSPO's clip
+        lengths = m.sum(-1, keepdims=True)
+        s_ratio = np.exp(((lp - old) * m).sum(-1, keepdims=True) / lengths)
+        per_seq = -np.minimum(s_ratio * A, np.clip(s_ratio, 1 - 3e-4, 1 + 4e-4) * A)
+        return (per_seq * lengths).mean()
+    if name == "vespo":  # TRL get_gamma_weights + loss_type="vespo" (dapo normaliser)
+        log_w = np.clip((np.clip(lp - old, -20, 20) * m).sum(-1, keepdims=True), np.log(1e-8), 20.0)
+        k = np.where(A >= 0, 2.0, 3.0)
+        lam = np.where(A >= 0, 3.0, 2.0)
+        phi = np.exp(lam + k * log_w - lam * np.exp(log_w))
+        return token_mean(-phi * A * lp)
     raise AssertionError(name)
 
 
@@ -301,8 +343,9 @@ def test_gradients_match_finite_differences(name):
     b = random_batch(3, spread=0.05)
     b["logp_ref"] = b["logp_new"] + 0.1  # a nonzero KL with a non-trivial gradient
     grad = np.asarray(grad_logp(loss_fn, b))
-    # CISPO stops the gradient of its IS weight: hold the weight fixed by moving logp_old along.
-    move_old = name == "cispo"
+    # CISPO, DPPO and VESPO stop the gradient of their IS weights: hold the weights fixed by moving logp_old
+    # along (DPPO's mask moves a little with it, but stays away from its thresholds at this spread).
+    move_old = name in ("cispo", "dppo_tv", "dppo_kl", "vespo")
     value = jax.jit(lambda new, old: call(loss_fn, dict(b, logp_old=old), logp_new=new)[0])
     eps = 1e-2
     numeric = np.zeros_like(b["logp_new"])
@@ -539,6 +582,23 @@ DEFAULTS_EXPECTED = {
     "trpo": np.mean(-R * W),
     "grpo": -0.125 + 0.04 * ((K3[0] + K3[1]) / 2 + K3[2]) / 2,  # k3, beta 0.04, seq_mean_token_mean
     "rloo": np.mean(seq_sums(-R * np.array([1, 1, -1]))),
+    # A log pi with logp_old = 0, so log pi = log r; token mean
+    "gpg": -np.mean(np.array([1, 1, -1]) * np.log(R)),
+    "dro": -np.mean(np.array([1, 1, -1]) * np.log(R) - 0.05 * np.log(R) ** 2),
+    # q = pi_old = 1: p - q = (0.5, -0.1, -0.5); tokens 0 (A > 0, +0.5 > 0.15) and 2 (A < 0, -0.5 < -0.15)
+    # are dropped (binary KL: 0.105 > 0.05 for token 1, which is kept since p <= q); sums / T = 2, mean
+    # over 2 responses
+    "dppo_tv": -(0.9 * math.log(0.9) / 2) / 2,
+    "dppo_kl": -(0.9 * math.log(0.9) / 2) / 2,
+    # clip range [0, 2] clips nothing; no covariance in (1, 5): r A token mean
+    "clip_cov": -(1.5 + 0.9 - 0.5) / 3,
+    # covariances (0.358, 0.017, 0.749): token 2 gets - |log 0.5|
+    "kl_cov": -(1.5 + 0.9 - 0.5 - math.log(2)) / 3,
+    # GSPO's terms -1.0004 (2 tokens) and +0.9997 (1 token), summed over tokens, mean over responses
+    "luspo": (-2 * 1.0004 + 0.9997) / 2,
+    # w = 1.35 (A >= 0: k 2, lambda 3) and 0.5 (A < 0: k 3, lambda 2); objective phi A log pi
+    "vespo": -(math.exp(3 + 2 * math.log(1.35) - 3 * 1.35) * (math.log(1.5) + math.log(0.9))
+               - math.exp(2 + 3 * math.log(0.5) - 2 * 0.5) * math.log(0.5)) / 3,
     **{name: HAND_EXPECTED[name] for name in ("dr_grpo", "dapo", "bnpo", "gspo", "sapo", "cispo", "gmpo")},
 }
 
@@ -584,6 +644,11 @@ def test_make_loss_overrides_and_registry():
         (lambda: grpo.make_loss("grpo", aggregation="mean"), "aggregation must be one of"),
         (lambda: grpo.make_loss("grpo", kl_estimator="k4"), "kl_estimator must be one of"),
         (lambda: grpo.HardClip(1.5), "eps_low"),
+        (lambda: grpo.DivergenceMask("hellinger"), "divergence"),
+        (lambda: grpo.TruncatedIS(cap_max=None), "at least one bound"),
+        (lambda: grpo.MaskedIS(low=2.0, high=1.0), "lower bound must be < upper"),
+        (lambda: grpo.OffPolicySequenceMask(float("nan")), "delta"),
+        (lambda: grpo.make_loss("grpo", kl_is_correction="sequence"), "kl_is_correction"),
         (lambda: grpo.HardClip(0.2, 0.2, dual_clip=1.1), "dual_clip"),
         (lambda: grpo.SoftGate(0.0, 1.0), "tau_pos"),
         (lambda: grpo.SoftGate(1.0, float("nan")), "tau_neg"),
