@@ -5,7 +5,7 @@ A finite MDP (003 section 2.1, eq. 10) is held as arrays:
 - ``P[s, a, s']``   transition probabilities, shape ``[S, A, S]``;
 - ``r[s, a]``       deterministic reward (003 eq. 1), shape ``[S, A]``;
 - ``rho0[s]``       initial-state distribution, shape ``[S]``;
-- ``gamma``         discount factor in ``[0, 1)`` (a float32 scalar array);
+- ``gamma``         discount factor in ``[0, 1)`` (a scalar array);
 - ``action_mask[s, a]`` optional bool ``[S, A]``: which actions exist in each state (the notes give states
   different action sets, e.g. ``A(s_perp) = {perp}``). ``None`` means every action is available.
 
@@ -16,6 +16,10 @@ never imports polygrad.
 ``make_mdp`` validates its inputs and raises ``ValueError`` with a clear message; ``random_mdp`` and
 ``random_contextual_bandit`` build valid MDPs from a key and stay jittable and vmappable (no validation on
 traced values).
+
+Every builder takes ``dtype=None``: the default float dtype (``jnp.result_type(float)``: float32, or
+float64 under ``jax_enable_x64``), so that the exact analysis of ``polygrad.tabular`` is float64-exact
+when 64-bit mode is on.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ import numpy as np
 from flax import struct
 
 _TOLERANCE = 1e-5
+
+
+def _float_dtype(dtype=None):
+    """``dtype`` if given, else the default float dtype (float64 under ``jax_enable_x64``)."""
+    return jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
 
 
 @struct.dataclass
@@ -91,13 +100,15 @@ def validate_mdp(mdp: FiniteMDP) -> None:
             raise ValueError(f"every state needs an available action; states {states} have none")
 
 
-def make_mdp(P, r, rho0, gamma, action_mask=None) -> FiniteMDP:
-    """Build and validate a ``FiniteMDP`` (float32 arrays; bool mask). Raises ``ValueError`` if malformed."""
+def make_mdp(P, r, rho0, gamma, action_mask=None, dtype=None) -> FiniteMDP:
+    """Build and validate a ``FiniteMDP`` (float arrays of ``dtype``, by default the default float dtype;
+    bool mask). Raises ``ValueError`` if malformed."""
+    dtype = _float_dtype(dtype)
     mdp = FiniteMDP(
-        P=jnp.asarray(P, jnp.float32),
-        r=jnp.asarray(r, jnp.float32),
-        rho0=jnp.asarray(rho0, jnp.float32),
-        gamma=jnp.asarray(gamma, jnp.float32),
+        P=jnp.asarray(P, dtype),
+        r=jnp.asarray(r, dtype),
+        rho0=jnp.asarray(rho0, dtype),
+        gamma=jnp.asarray(gamma, dtype),
         action_mask=None if action_mask is None else jnp.asarray(action_mask),
     )
     validate_mdp(mdp)
@@ -144,7 +155,7 @@ class DistributionShiftExample(NamedTuple):
     pi_new: jax.Array
 
 
-def distribution_shift_mdp(gamma: float = 0.9, penalty: float = 100.0) -> FiniteMDP:
+def distribution_shift_mdp(gamma: float = 0.9, penalty: float = 100.0, dtype=None) -> FiniteMDP:
     """The three-state MDP of 003 section 4.1.1: states (s0, s1, s_perp), s_perp absorbing.
 
     From s0, a0 goes to s_perp and a1 goes to s1 (reward 0); from s1, g earns 1 and b earns ``-penalty``
@@ -152,36 +163,39 @@ def distribution_shift_mdp(gamma: float = 0.9, penalty: float = 100.0) -> Finite
     """
     if penalty <= 0:
         raise ValueError(f"the penalty M must be positive; got {penalty}")
-    P = np.zeros((3, 2, 3), np.float32)
+    P = np.zeros((3, 2, 3))
     P[S0, A0, S_PERP] = 1.0
     P[S0, A1, S1] = 1.0
     P[S1, :, S_PERP] = 1.0
     P[S_PERP, :, S_PERP] = 1.0
-    r = np.zeros((3, 2), np.float32)
+    r = np.zeros((3, 2))
     r[S1, GOOD] = 1.0
     r[S1, BAD] = -penalty
     mask = np.array([[True, True], [True, True], [True, False]])
-    return make_mdp(P, r, [1.0, 0.0, 0.0], gamma, mask)
+    return make_mdp(P, r, [1.0, 0.0, 0.0], gamma, mask, dtype)
 
 
-def distribution_shift_policies(eta: float = 1e-4, eta2: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+def distribution_shift_policies(
+    eta: float = 1e-4, eta2: float = 1e-3, dtype=None
+) -> tuple[jax.Array, jax.Array]:
     """The old policy pi (``pi(a1|s0) = eta``, ``pi(b|s1) = eta2``) and the candidate pi' that takes a1 then b
     deterministically (003 section 4.1.1); each ``[3, 2]``."""
     for name, value in (("eta", eta), ("eta2", eta2)):
         if not 0.0 < value < 1.0:
             raise ValueError(f"{name} must lie in (0, 1) so that pi' is absolutely continuous; got {value}")
-    pi = jnp.array([[1.0 - eta, eta], [1.0 - eta2, eta2], [1.0, 0.0]], jnp.float32)
-    pi_new = jnp.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]], jnp.float32)
+    dtype = _float_dtype(dtype)
+    pi = jnp.array([[1.0 - eta, eta], [1.0 - eta2, eta2], [1.0, 0.0]], dtype)
+    pi_new = jnp.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]], dtype)
     return pi, pi_new
 
 
 def distribution_shift_example(
-    gamma: float = 0.9, penalty: float = 100.0, eta: float = 1e-4, eta2: float = 1e-3
+    gamma: float = 0.9, penalty: float = 100.0, eta: float = 1e-4, eta2: float = 1e-3, dtype=None
 ) -> DistributionShiftExample:
     """Example 1 of 003 section 4.1.1 with the seed's default parameters (gamma 0.9, M 100, eta 1e-4,
     eta2 1e-3)."""
-    pi, pi_new = distribution_shift_policies(eta, eta2)
-    return DistributionShiftExample(distribution_shift_mdp(gamma, penalty), pi, pi_new)
+    pi, pi_new = distribution_shift_policies(eta, eta2, dtype)
+    return DistributionShiftExample(distribution_shift_mdp(gamma, penalty, dtype), pi, pi_new)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -189,7 +203,7 @@ def distribution_shift_example(
 # --------------------------------------------------------------------------------------------------------
 
 
-def importance_sampling_chain(horizon: int, gamma: float = 0.99) -> FiniteMDP:
+def importance_sampling_chain(horizon: int, gamma: float = 0.99, dtype=None) -> FiniteMDP:
     """The H-step chain of 003 section 4.1.2 as a Markov MDP with ``H + 2`` states.
 
     States ``0..H-1`` are the decision steps (the notes' state s at time t, two actions {0, 1}, reward 0,
@@ -200,26 +214,27 @@ def importance_sampling_chain(horizon: int, gamma: float = 0.99) -> FiniteMDP:
     if horizon < 1:
         raise ValueError(f"horizon must be at least 1; got {horizon}")
     S = horizon + 2
-    P = np.zeros((S, 2, S), np.float32)
+    P = np.zeros((S, 2, S))
     for t in range(horizon + 1):
         P[t, :, t + 1] = 1.0
     P[S - 1, :, S - 1] = 1.0
-    r = np.zeros((S, 2), np.float32)
+    r = np.zeros((S, 2))
     r[horizon, 0] = 1.0
     mask = np.ones((S, 2), bool)
     mask[horizon:, 1] = False
-    rho0 = np.zeros(S, np.float32)
+    rho0 = np.zeros(S)
     rho0[0] = 1.0
-    return make_mdp(P, r, rho0, gamma, mask)
+    return make_mdp(P, r, rho0, gamma, mask, dtype)
 
 
-def chain_policy(horizon: int, prob_one: float) -> jax.Array:
+def chain_policy(horizon: int, prob_one: float, dtype=None) -> jax.Array:
     """The Bernoulli policy ``pi(1|s) = prob_one`` of 003 section 4.1.2 on ``importance_sampling_chain``:
     ``[H + 2, 2]``, with the single action of the last two states taken with probability 1."""
     if not 0.0 <= prob_one <= 1.0:
         raise ValueError(f"prob_one must lie in [0, 1]; got {prob_one}")
-    decisions = jnp.tile(jnp.array([[1.0 - prob_one, prob_one]], jnp.float32), (horizon, 1))
-    ends = jnp.tile(jnp.array([[1.0, 0.0]], jnp.float32), (2, 1))
+    dtype = _float_dtype(dtype)
+    decisions = jnp.tile(jnp.array([[1.0 - prob_one, prob_one]], dtype), (horizon, 1))
+    ends = jnp.tile(jnp.array([[1.0, 0.0]], dtype), (2, 1))
     return jnp.concatenate([decisions, ends])
 
 
@@ -228,14 +243,14 @@ def chain_policy(horizon: int, prob_one: float) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def contextual_bandit(rewards, context_distribution) -> FiniteMDP:
+def contextual_bandit(rewards, context_distribution, dtype=None) -> FiniteMDP:
     """A contextual bandit (000; 003 Example 1.6) as the ``gamma = 0`` MDP whose states are the contexts.
 
     ``rewards [S, A]`` is r(s, a); ``context_distribution [S]`` is d(s). Every step draws a fresh context
     from d, so with gamma = 0, ``J(pi) = E_{s~d} E_{a~pi} r(s, a)`` and the occupancy is d itself.
     """
-    rewards = np.asarray(rewards, np.float32)
-    context_distribution = np.asarray(context_distribution, np.float32)
+    rewards = np.asarray(rewards, np.float64)
+    context_distribution = np.asarray(context_distribution, np.float64)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must have shape [S, A]; got {rewards.shape}")
     S, A = rewards.shape
@@ -243,32 +258,36 @@ def contextual_bandit(rewards, context_distribution) -> FiniteMDP:
         shape = context_distribution.shape
         raise ValueError(f"context_distribution must have shape [S] = {(S,)}; got {shape}")
     P = np.broadcast_to(context_distribution, (S, A, S))
-    return make_mdp(P, rewards, context_distribution, 0.0)
+    return make_mdp(P, rewards, context_distribution, 0.0, dtype=dtype)
 
 
-def _uniform_simplex(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def _uniform_simplex(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     """Points uniform on the simplex over the last axis (Dirichlet(1), as normalised exponentials)."""
-    draws = jax.random.exponential(key, shape, jnp.float32)
+    draws = jax.random.exponential(key, shape, dtype)
     return draws / jnp.sum(draws, axis=-1, keepdims=True)
 
 
-def random_contextual_bandit(key: jax.Array, num_contexts: int, num_actions: int) -> FiniteMDP:
+def random_contextual_bandit(key: jax.Array, num_contexts: int, num_actions: int, dtype=None) -> FiniteMDP:
     """A contextual bandit with rewards uniform in [0, 1] and Dirichlet(1) contexts (jittable, vmappable)."""
+    dtype = _float_dtype(dtype)
     reward_key, context_key = jax.random.split(key)
-    rewards = jax.random.uniform(reward_key, (num_contexts, num_actions), jnp.float32)
-    contexts = _uniform_simplex(context_key, (num_contexts,))
+    rewards = jax.random.uniform(reward_key, (num_contexts, num_actions), dtype)
+    contexts = _uniform_simplex(context_key, (num_contexts,), dtype)
     P = jnp.broadcast_to(contexts, (num_contexts, num_actions, num_contexts))
-    return FiniteMDP(P=P, r=rewards, rho0=contexts, gamma=jnp.float32(0.0))
+    return FiniteMDP(P=P, r=rewards, rho0=contexts, gamma=jnp.zeros((), dtype))
 
 
-def random_mdp(key: jax.Array, num_states: int, num_actions: int, gamma: float = 0.9) -> FiniteMDP:
+def random_mdp(
+    key: jax.Array, num_states: int, num_actions: int, gamma: float = 0.9, dtype=None
+) -> FiniteMDP:
     """A random MDP: rows of P and rho0 uniform on the simplex (Dirichlet(1)), rewards uniform in [0, 1].
 
     Jittable and vmappable over ``key`` (no validation on traced values; valid by construction). Every
     state has positive initial probability almost surely, so every state is visited.
     """
+    dtype = _float_dtype(dtype)
     p_key, r_key, rho_key = jax.random.split(key, 3)
-    P = _uniform_simplex(p_key, (num_states, num_actions, num_states))
-    r = jax.random.uniform(r_key, (num_states, num_actions), jnp.float32)
-    rho0 = _uniform_simplex(rho_key, (num_states,))
-    return FiniteMDP(P=P, r=r, rho0=rho0, gamma=jnp.asarray(gamma, jnp.float32))
+    P = _uniform_simplex(p_key, (num_states, num_actions, num_states), dtype)
+    r = jax.random.uniform(r_key, (num_states, num_actions), dtype)
+    rho0 = _uniform_simplex(rho_key, (num_states,), dtype)
+    return FiniteMDP(P=P, r=r, rho0=rho0, gamma=jnp.asarray(gamma, dtype))

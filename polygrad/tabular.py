@@ -137,9 +137,15 @@ def distribution_shift_penalty(mdp: MDP, pi: jax.Array, pi_new: jax.Array) -> ja
 
 
 def mixture_policy(pi: jax.Array, pi_new: jax.Array, alpha) -> jax.Array:
-    """Conservative mixture ``pi_alpha = (1 - alpha) pi + alpha pi_new`` (eq. 55); ``[S, A]``."""
+    """Conservative mixture ``pi_alpha = (1 - alpha) pi + alpha pi_new`` (eq. 55); ``[S, A]``.
+
+    ``alpha`` is a scalar; the result has the dtype of the policies (promoted).
+    """
     chex.assert_equal_shape([pi, pi_new])
-    return (1.0 - alpha) * pi + alpha * pi_new
+    dtype = jnp.result_type(pi, pi_new)
+    alpha = jnp.asarray(alpha, dtype)
+    chex.assert_rank(alpha, 0)
+    return (1 - alpha) * pi + alpha * pi_new
 
 
 def greedy_policy(mdp: MDP, pi: jax.Array) -> jax.Array:
@@ -180,9 +186,11 @@ def cpi_lower_bound(mdp: MDP, pi: jax.Array, pi_new: jax.Array, alpha) -> jax.Ar
     """Lower bound on ``J(pi_alpha)`` for the mixture of eq. (55), from eq. (59)-(60):
 
     ``J(pi) + alpha g - 2 gamma epsilon alpha^2 / (1 - gamma)^2``; scalar (broadcasts over ``alpha`` arrays).
+    The result has the dtype of ``J(pi)`` (that of the MDP's arrays and the policies).
     """
-    alpha = jnp.asarray(alpha, jnp.float32)
-    return _cpi_bound(expected_return(mdp, pi), cpi_terms(mdp, pi, pi_new), alpha, mdp.gamma)
+    ret = expected_return(mdp, pi)
+    alpha = jnp.asarray(alpha, ret.dtype)
+    return _cpi_bound(ret, cpi_terms(mdp, pi, pi_new), alpha, jnp.asarray(mdp.gamma, ret.dtype))
 
 
 def cpi_step_size(gain, epsilon, gamma) -> jax.Array:
@@ -190,12 +198,15 @@ def cpi_step_size(gain, epsilon, gamma) -> jax.Array:
 
     ``alpha* = min(1, (1 - gamma)^2 / (4 gamma) * g / epsilon)``, and 0 when ``g <= 0`` (no step is safe).
     Defined everywhere: ``epsilon = 0`` or ``gamma = 0`` (no penalty) give 1 if ``g > 0`` and 0 otherwise.
+    The result has the dtype of the inputs (promoted; Python floats take the default float dtype).
     """
-    gain, epsilon, gamma = (jnp.asarray(x, jnp.float32) for x in (gain, epsilon, gamma))
-    denominator = 4.0 * gamma * epsilon
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    ratio = jnp.where(denominator > 0, (1.0 - gamma) ** 2 * gain / safe, jnp.where(gain > 0, 1.0, 0.0))
-    return jnp.clip(ratio, 0.0, 1.0)
+    dtype = jnp.result_type(gain, epsilon, gamma, float)
+    gain, epsilon, gamma = (jnp.asarray(x, dtype) for x in (gain, epsilon, gamma))
+    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
+    denominator = 4 * gamma * epsilon
+    safe = jnp.where(denominator > 0, denominator, one)
+    ratio = jnp.where(denominator > 0, (1 - gamma) ** 2 * gain / safe, jnp.where(gain > 0, one, zero))
+    return jnp.clip(ratio, zero, one)
 
 
 class CPIHistory(NamedTuple):
@@ -329,8 +340,8 @@ def softmax_natural_gradient(
 
 
 class TabularEpisodes(NamedTuple):
-    """Episodes of a finite MDP, time-major: ``states``, ``actions`` (int32) and ``rewards`` (float32), each
-    ``[T, N]``; ``rewards[t] = r(states[t], actions[t])``."""
+    """Episodes of a finite MDP, time-major: ``states``, ``actions`` (int32) and ``rewards`` (the dtype of
+    ``mdp.r``), each ``[T, N]``; ``rewards[t] = r(states[t], actions[t])``."""
 
     states: jax.Array
     actions: jax.Array

@@ -16,7 +16,9 @@ backtracks along that step until the surrogate has not decreased and the mean KL
 (section 4.6.4, step 5), while the natural policy gradient (NPG) takes the scaled step as it is.
 
 Every function is pure and jittable (``lax.while_loop`` or ``vmap`` inside, no Python control flow on
-traced values); the configuration is a frozen dataclass and therefore static under ``jax.jit``.
+traced values); the configuration is a frozen dataclass and therefore static under ``jax.jit``. Scalars
+and metrics follow the floating dtype of the parameters (float32 by default, float64 under
+``jax_enable_x64`` with float64 parameters).
 """
 
 import dataclasses
@@ -35,6 +37,12 @@ Metrics = dict[str, jax.Array]
 # Below this value a curvature (p^T A p in CG, s^T A s for the step scale) is treated as zero: the operator
 # gives no information along that direction, so CG stops and no step is taken instead of dividing by ~0.
 _TINY_CURVATURE = 1e-12
+
+
+def _float_dtype(tree: Params) -> jnp.dtype:
+    """The promoted dtype of the floating leaves of ``tree`` (the default float dtype if there are none)."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
 
 
 def conjugate_gradient(
@@ -65,7 +73,9 @@ def conjugate_gradient(
         raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
     if residual_tol < 0:
         raise ValueError(f"residual_tol must be >= 0, got {residual_tol}")
-    tol_sq = jnp.float32(residual_tol) ** 2
+    dtype = _float_dtype(b)
+    tol_sq = jnp.asarray(residual_tol, dtype) ** 2
+    tiny = jnp.finfo(dtype).tiny
 
     def cond(carry):
         _, _, _, rr, iteration, breakdown = carry
@@ -76,14 +86,14 @@ def conjugate_gradient(
         ap = matvec(p)
         p_ap = otu.tree_vdot(p, ap)
         breakdown = ~(p_ap > _TINY_CURVATURE)  # also catches NaN
-        alpha = jnp.where(breakdown, 0.0, rr / jnp.where(breakdown, 1.0, p_ap))
+        alpha = jnp.where(breakdown, 0.0, rr / jnp.where(breakdown, 1.0, p_ap)).astype(dtype)
         x = otu.tree_add_scale(x, alpha, p)
         r = otu.tree_add_scale(r, -alpha, ap)
-        rr_new = otu.tree_vdot(r, r)
-        p = otu.tree_add_scale(r, rr_new / jnp.maximum(rr, jnp.finfo(jnp.float32).tiny), p)
+        rr_new = otu.tree_vdot(r, r).astype(dtype)
+        p = otu.tree_add_scale(r, rr_new / jnp.maximum(rr, tiny), p)
         return x, r, p, rr_new, iteration + 1, breakdown
 
-    rr0 = otu.tree_vdot(b, b)
+    rr0 = otu.tree_vdot(b, b).astype(dtype)
     init = (otu.tree_zeros_like(b), b, b, rr0, jnp.int32(0), jnp.bool_(False))
     x, _, _, rr, iterations, _ = jax.lax.while_loop(cond, body, init)
     return x, {"cg_iterations": iterations, "cg_residual": jnp.sqrt(rr)}
@@ -206,7 +216,8 @@ def natural_policy_gradient_step(
     ``line_search`` are unused.
 
     Returns:
-      ``(new_params, metrics)`` (float32 scalars) with the metrics of ``natural_gradient_direction`` plus
+      ``(new_params, metrics)`` (scalars in the parameters' float dtype) with the metrics of
+      ``natural_gradient_direction`` plus
       ``actual_improvement`` (L_hat(theta_new) - L_hat(theta_old)), ``kl`` (mean KL at theta_new),
       ``line_search_steps`` (0), and ``step_accepted`` and ``step_fraction`` (1, or 0 when there was no
       step: a zero gradient or a non-finite direction).
@@ -214,19 +225,21 @@ def natural_policy_gradient_step(
     full_step, surrogate_old, metrics = natural_gradient_direction(surrogate_fn, kl_fn, params, config)
     new_params = otu.tree_add(params, full_step)
     took_step = metrics["step_scale"] > 0
+    # Without a step the parameters are unchanged: improvement and KL are exactly 0 (not rounding noise).
     metrics.update(
-        actual_improvement=surrogate_fn(new_params) - surrogate_old,
-        kl=kl_fn(new_params),
-        line_search_steps=jnp.float32(0),
-        step_accepted=took_step.astype(jnp.float32),
-        step_fraction=took_step.astype(jnp.float32),
+        actual_improvement=jnp.where(took_step, surrogate_fn(new_params) - surrogate_old, 0.0),
+        kl=jnp.where(took_step, kl_fn(new_params), 0.0),
+        line_search_steps=0,
+        step_accepted=took_step,
+        step_fraction=took_step,
     )
-    return new_params, _as_float32(metrics)
+    return new_params, _as_dtype(metrics, _float_dtype(params))
 
 
-def _as_float32(metrics: Metrics) -> Metrics:
-    """All metrics as float32 scalars, so that they stack and average uniformly across updates and seeds."""
-    return {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+def _as_dtype(metrics: Metrics, dtype) -> Metrics:
+    """All metrics as scalars of one float dtype (the parameters'), so that they stack and average
+    uniformly across updates and seeds."""
+    return {name: jnp.asarray(value, dtype) for name, value in metrics.items()}
 
 
 def trpo_step(
@@ -240,22 +253,26 @@ def trpo_step(
     ``natural_gradient_direction`` (the scaled step beta s of eqs. 71-74), then
     ``backtracking_line_search``: the first theta_k = theta_old + xi^k beta s, k = 0, ..., max_backtracks - 1,
     with L_hat(theta_k) >= L_hat(theta_old) and KL_hat(theta_old, theta_k) <= delta (both finite) is
-    accepted; if none is, theta_old is returned unchanged (no step).
+    accepted; if none is, or the step is zero (a zero gradient), theta_old is returned unchanged (no step).
+    With ``config.line_search == "none"`` this is ``natural_policy_gradient_step``.
 
     Returns:
-      ``(new_params, metrics)``. Metrics (float32 scalars): ``cg_iterations``, ``cg_residual``,
-      ``gradient_norm``, ``quadratic_form`` (s^T A s), ``step_scale`` (beta), ``expected_improvement``
-      (g^T (theta_new - theta_old), 0 without a step), ``actual_improvement`` (L_hat(theta_new) -
-      L_hat(theta_old)), ``kl`` (mean KL at theta_new), ``line_search_steps`` (candidates evaluated),
-      ``step_fraction`` (xi^k of the accepted candidate, 0 if none) and ``step_accepted`` (1.0 or 0.0).
+      ``(new_params, metrics)``. Metrics (scalars in the parameters' float dtype): ``cg_iterations``,
+      ``cg_residual``, ``gradient_norm``, ``quadratic_form`` (s^T A s), ``step_scale`` (beta),
+      ``expected_improvement`` (g^T (theta_new - theta_old), 0 without a step), ``actual_improvement``
+      (L_hat(theta_new) - L_hat(theta_old)), ``kl`` (mean KL at theta_new), ``line_search_steps``
+      (candidates evaluated), ``step_fraction`` (xi^k of the accepted candidate, 0 if none) and
+      ``step_accepted`` (1.0 or 0.0).
     """
+    if config.line_search == "none":
+        return natural_policy_gradient_step(surrogate_fn, kl_fn, params, config)
     full_step, surrogate_old, metrics = natural_gradient_direction(surrogate_fn, kl_fn, params, config)
     new_params, search_metrics = backtracking_line_search(
         surrogate_fn, kl_fn, params, full_step, surrogate_old, config
     )
     metrics.update(search_metrics)
     metrics["expected_improvement"] = search_metrics["step_fraction"] * metrics["expected_improvement"]
-    return new_params, _as_float32(metrics)
+    return new_params, _as_dtype(metrics, _float_dtype(params))
 
 
 def backtracking_line_search(
@@ -270,17 +287,28 @@ def backtracking_line_search(
 
     Tries theta_k = params + xi^k full_step for k = 0, ..., max_backtracks - 1 (xi = backtrack_factor)
     and returns the first with L_hat(theta_k) - surrogate_old >= 0 and KL_hat(theta_old, theta_k) <=
-    max_kl (both finite), or ``params`` unchanged if there is none. ``config.line_search`` chooses a
-    ``lax.while_loop`` that stops at the first accepted candidate or one ``vmap`` over all of them.
+    max_kl (both finite), or ``params`` unchanged if there is none or ``full_step`` is zero (there is
+    no step to take). ``config.line_search`` chooses a ``lax.while_loop`` that stops at the first accepted
+    candidate ("sequential") or one ``vmap`` over all of them ("parallel"); "none" takes the full step
+    without any test (the natural policy gradient).
 
     Returns:
       ``(new_params, metrics)``; metrics: ``actual_improvement`` and ``kl`` of the accepted candidate (0 if
-      none), ``line_search_steps`` (candidates evaluated: k + 1, or max_backtracks if none was accepted),
-      ``step_fraction`` (xi^k, or 0) and ``step_accepted`` (1.0 or 0.0), all float32.
+      none), ``line_search_steps`` (candidates evaluated: k + 1, or max_backtracks if none was accepted;
+      0 for "none"), ``step_fraction`` (xi^k, or 0) and ``step_accepted`` (1.0 or 0.0), all scalars in the
+      parameters' float dtype.
     """
-    search = _sequential_line_search if config.line_search == "sequential" else _parallel_line_search
-    accepted, fraction, steps, improvement, kl = search(surrogate_fn, kl_fn, params, full_step,
-                                                        surrogate_old, config)
+    dtype = _float_dtype(params)
+    has_step = jnp.any(jnp.stack([jnp.any(leaf != 0) for leaf in jax.tree.leaves(full_step)]))
+    if config.line_search == "none":
+        candidate = otu.tree_add(params, full_step)
+        accepted, fraction, steps = has_step, jnp.ones((), dtype), jnp.int32(0)
+        improvement, kl = surrogate_fn(candidate) - surrogate_old, kl_fn(candidate)
+    else:
+        search = _sequential_line_search if config.line_search == "sequential" else _parallel_line_search
+        accepted, fraction, steps, improvement, kl = search(surrogate_fn, kl_fn, params, full_step,
+                                                            surrogate_old, config, dtype)
+        accepted = accepted & has_step
     fraction = jnp.where(accepted, fraction, 0.0)
     metrics = {
         "actual_improvement": jnp.where(accepted, improvement, 0.0),
@@ -289,7 +317,7 @@ def backtracking_line_search(
         "step_fraction": fraction,
         "step_accepted": accepted,
     }
-    return otu.tree_add_scale(params, fraction, full_step), _as_float32(metrics)
+    return otu.tree_add_scale(params, fraction, full_step), _as_dtype(metrics, dtype)
 
 
 def _candidate_test(surrogate_fn, kl_fn, params, full_step, surrogate_old, fraction, max_kl):
@@ -301,9 +329,9 @@ def _candidate_test(surrogate_fn, kl_fn, params, full_step, surrogate_old, fract
     return accepted, improvement, kl
 
 
-def _sequential_line_search(surrogate_fn, kl_fn, params, full_step, surrogate_old, config):
+def _sequential_line_search(surrogate_fn, kl_fn, params, full_step, surrogate_old, config, dtype):
     """Backtracking in a ``lax.while_loop`` that stops at the first accepted candidate."""
-    factor = jnp.float32(config.backtrack_factor)
+    factor = jnp.asarray(config.backtrack_factor, dtype)
 
     def cond(carry):
         steps, accepted, *_ = carry
@@ -314,16 +342,17 @@ def _sequential_line_search(surrogate_fn, kl_fn, params, full_step, surrogate_ol
         fraction = factor**steps
         accepted, improvement, kl = _candidate_test(surrogate_fn, kl_fn, params, full_step, surrogate_old,
                                                     fraction, config.max_kl)
-        return steps + 1, accepted, fraction, improvement, kl
+        return steps + 1, accepted, fraction, improvement.astype(dtype), kl.astype(dtype)
 
-    init = (jnp.int32(0), jnp.bool_(False), jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0))
+    zero = jnp.zeros((), dtype)
+    init = (jnp.int32(0), jnp.bool_(False), zero, zero, zero)
     steps, accepted, fraction, improvement, kl = jax.lax.while_loop(cond, body, init)
     return accepted, fraction, steps, improvement, kl
 
 
-def _parallel_line_search(surrogate_fn, kl_fn, params, full_step, surrogate_old, config):
+def _parallel_line_search(surrogate_fn, kl_fn, params, full_step, surrogate_old, config, dtype):
     """All candidates evaluated together with ``vmap``; the first accepted one (smallest k) wins."""
-    fractions = jnp.float32(config.backtrack_factor) ** jnp.arange(config.max_backtracks, dtype=jnp.float32)
+    fractions = jnp.asarray(config.backtrack_factor, dtype) ** jnp.arange(config.max_backtracks, dtype=dtype)
     accepted, improvement, kl = jax.vmap(
         lambda fraction: _candidate_test(surrogate_fn, kl_fn, params, full_step, surrogate_old, fraction,
                                          config.max_kl)

@@ -3,7 +3,10 @@
 003 section 5.2: for each prompt, G responses are sampled and scored; the other responses of the same
 prompt act as the baseline. Each function maps rewards `[P, G]` to advantages `[P, G]` (one scalar per
 response, shared by all of its tokens). Degenerate groups are defined, never NaN: a group whose rewards
-are all equal (including a group of size 1) gets advantages of exactly 0.
+are all equal (including a group of size 1) gets advantages of exactly 0, and the normalised advantages
+are computed from deviations scaled by a power of two (exact) that brings the largest to [0.5, 1), so that
+huge rewards (1e30 in float32) give finite advantages instead of overflowing in the square. Every
+function follows the dtype of `rewards`; a negative or non-finite `eps` is refused with `ValueError`.
 """
 
 import chex
@@ -18,11 +21,48 @@ def _check_groups(rewards: jax.Array) -> None:
     chex.assert_type(rewards, float)
 
 
+def _check_eps(eps) -> None:
+    """A concrete eps must be finite and >= 0 (a traced one cannot be checked)."""
+    if not isinstance(eps, jax.core.Tracer):
+        validate.non_negative("eps", float(eps))
+
+
 def _centered(rewards: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(rewards - group mean, group is constant); exactly 0 in constant groups."""
     constant = jnp.max(rewards, axis=1, keepdims=True) == jnp.min(rewards, axis=1, keepdims=True)
     centered = rewards - jnp.mean(rewards, axis=1, keepdims=True)
-    return jnp.where(constant, 0.0, centered), constant
+    return jnp.where(constant, jnp.zeros((), rewards.dtype), centered), constant
+
+
+def _power_of_two_scale(largest: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Powers of two (a, b) with largest * a * b in [0.5, 1), each factor a normal number.
+
+    Scaling by exact powers of two changes no digit, and using two factors keeps each one (and its
+    reciprocal) representable even for the largest floats: a single 2^-128 would be subnormal, which
+    XLA:CPU flushes to zero (as it does x / y for y above ~1e38 in float32). Constants for autodiff.
+    """
+    _, exponent = jnp.frexp(jax.lax.stop_gradient(largest))
+    half = exponent // 2
+    one = jnp.ones((), largest.dtype)
+    return jnp.ldexp(one, -half), jnp.ldexp(one, half - exponent)
+
+
+def _normalised(centered: jax.Array, count, axis, eps, eps_in_sqrt: bool) -> jax.Array:
+    """centered / (rms + eps), or centered / sqrt(rms^2 + eps), with rms = sqrt(sum(centered^2) / count)
+    over `axis`, computed without overflow or underflow anywhere.
+
+    Numerator and denominator are both scaled by k, the power of two that brings the largest deviation
+    to [0.5, 1): (k c) / (k rms + k eps), or (k c) / hypot(k rms, k sqrt(eps)). Powers of two change no
+    digit, so this is exact in every dtype. A zero denominator (all deviations 0 and eps = 0) gives 0.
+    """
+    largest = jnp.max(jnp.abs(centered), axis=axis, keepdims=True)
+    a, b = _power_of_two_scale(largest)
+    scaled = centered * a * b
+    rms = jnp.sqrt(jnp.sum(scaled**2, axis=axis, keepdims=True) / count)
+    eps = jnp.asarray(eps, centered.dtype)
+    denominator = jnp.hypot(rms, jnp.sqrt(eps) * a * b) if eps_in_sqrt else rms + eps * a * b
+    safe = jnp.where(denominator > 0, denominator, jnp.ones((), centered.dtype))
+    return jnp.where(denominator > 0, scaled / safe, jnp.zeros((), centered.dtype))
 
 
 def group_normalized_advantages(
@@ -35,7 +75,8 @@ def group_normalized_advantages(
 
     Args:
       rewards: `[P, G]` scores of G responses for each of P prompts.
-      eps: added to the std (or, with `eps_in_sqrt`, to the variance under the square root).
+      eps: added to the std (or, with `eps_in_sqrt`, to the variance under the square root); finite and
+        >= 0 (`ValueError` otherwise).
       eps_in_sqrt: where epsilon goes.
       ddof: 0 for the population std (003 eq. 90), 1 for Bessel's correction (TRL, verl).
 
@@ -43,13 +84,13 @@ def group_normalized_advantages(
       `[P, G]` advantages; 0 for constant groups and groups of size 1.
     """
     _check_groups(rewards)
+    _check_eps(eps)
+    validate.integer("ddof", ddof, minimum=0)
     group_size = rewards.shape[1]
     centered, constant = _centered(rewards)
     dof = max(group_size - ddof, 1)
-    var = jnp.sum(centered**2, axis=1, keepdims=True) / dof
-    std = jnp.sqrt(var + eps) if eps_in_sqrt else jnp.sqrt(var) + eps
-    safe_std = jnp.where(constant, 1.0, std)
-    return jnp.where(constant, 0.0, centered / safe_std)
+    advantages = _normalised(centered, dof, 1, eps, eps_in_sqrt)
+    return jnp.where(constant, jnp.zeros((), rewards.dtype), advantages)
 
 
 def group_centered_advantages(rewards: jax.Array) -> jax.Array:
@@ -75,15 +116,16 @@ def batch_normalized_advantages(rewards: jax.Array, eps: float = 1e-4) -> jax.Ar
 
     Args:
       rewards: `[P, G]`.
-      eps: added to the batch std.
+      eps: added to the batch std; finite and >= 0 (`ValueError` otherwise). With eps = 0 and every
+        group constant the result is 0 (not 0 / 0).
 
     Returns:
       `[P, G]` advantages; exactly 0 in constant groups, and all 0 if every group is constant.
     """
     _check_groups(rewards)
+    _check_eps(eps)
     centered, _ = _centered(rewards)
-    std = jnp.sqrt(jnp.mean(centered**2))
-    return centered / (std + eps)
+    return _normalised(centered, centered.size, None, eps, eps_in_sqrt=False)
 
 
 def leave_one_out_advantages(rewards: jax.Array) -> jax.Array:

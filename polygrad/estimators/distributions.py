@@ -28,19 +28,30 @@ def categorical_log_prob(logits: jax.Array, actions: jax.Array) -> jax.Array:
 
 
 def categorical_entropy(logits: jax.Array) -> jax.Array:
-    """Entropy -sum_a pi(a) log pi(a), logits `[..., A]` -> `[...]`. Exact, finite for -inf logits."""
+    """Entropy -sum_a pi(a) log pi(a), logits `[..., A]` -> `[...]`.
+
+    Exact; actions of probability 0 (-inf logits) contribute 0, to the value and to the gradient (the
+    log-probabilities are replaced with `where` before the product, so 0 * -inf never appears).
+    """
     log_p = jax.nn.log_softmax(logits, axis=-1)
     p = jnp.exp(log_p)
-    return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
+    zero = jnp.zeros((), log_p.dtype)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, log_p, zero), zero), axis=-1)
 
 
 def categorical_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
-    """Exact KL(p || q) = sum_a p(a) (log p(a) - log q(a)), logits `[..., A]` -> `[...]`."""
+    """Exact KL(p || q) = sum_a p(a) (log p(a) - log q(a)), logits `[..., A]` -> `[...]`.
+
+    Actions with p(a) = 0 contribute 0 (also where q(a) = 0; value and gradient); an action with p(a) > 0
+    and q(a) = 0 makes the KL +inf, as it should.
+    """
     chex.assert_equal_shape([logits_p, logits_q])
     log_p = jax.nn.log_softmax(logits_p, axis=-1)
     log_q = jax.nn.log_softmax(logits_q, axis=-1)
     p = jnp.exp(log_p)
-    return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+    zero = jnp.zeros((), log_p.dtype)
+    log_ratio = jnp.where(p > 0, log_p - jnp.where(p > 0, log_q, zero), zero)
+    return jnp.sum(jnp.where(p > 0, p * log_ratio, zero), axis=-1)
 
 
 def categorical_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
@@ -87,6 +98,7 @@ def gaussian_kl(
 
 def gaussian_sample(key: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.Array:
     """Sample `[..., D]` from a diagonal Gaussian; `log_std` broadcasts against `mean`."""
+    log_std = jnp.broadcast_to(log_std, mean.shape)
     return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
@@ -102,8 +114,10 @@ def gaussian_sample(key: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.
 
 
 def _log_ref_ratio(logp: jax.Array, logp_ref: jax.Array, clip: float) -> jax.Array:
+    """Clamped log ref(x) - log p(x); exactly 0 where the two are equal (both -inf included, never NaN)."""
     chex.assert_equal_shape([logp, logp_ref])
-    return jnp.clip(logp_ref - logp, -clip, clip)
+    diff = jnp.where(logp_ref == logp, jnp.zeros((), logp.dtype), logp_ref - logp)
+    return jnp.clip(diff, -clip, clip)
 
 
 def kl_k1(logp: jax.Array, logp_ref: jax.Array, clip: float = DEFAULT_LOG_RATIO_CLIP) -> jax.Array:

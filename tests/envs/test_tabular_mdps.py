@@ -9,6 +9,13 @@ from envs import tabular as mdps
 from polygrad import tabular
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_rank_promotion():
+    """Every test here (and every module fixture) runs with jax_numpy_rank_promotion="raise"."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
+
 def valid_arrays():
     P = np.full((2, 2, 2), 0.5, np.float32)
     r = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)

@@ -8,14 +8,22 @@ import pytest
 from polygrad import distributions as d
 
 
-def test_categorical_against_hand_values():
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_rank_promotion():
+    """Every test here (and every module fixture) runs with jax_numpy_rank_promotion="raise"."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
+
+def test_categorical_against_hand_values(maybe_jit):
     logits = jnp.log(jnp.array([0.2, 0.5, 0.3]))
-    np.testing.assert_allclose(d.categorical_log_prob(logits, jnp.array(1)), np.log(0.5), rtol=1e-6)
+    log_prob = maybe_jit(d.categorical_log_prob)(logits, jnp.array(1))
+    np.testing.assert_allclose(log_prob, np.log(0.5), rtol=1e-6)
     p = np.array([0.2, 0.5, 0.3])
     q = np.array([0.5, 0.25, 0.25])
-    np.testing.assert_allclose(d.categorical_entropy(logits), -(p * np.log(p)).sum(), rtol=1e-6)
+    np.testing.assert_allclose(maybe_jit(d.categorical_entropy)(logits), -(p * np.log(p)).sum(), rtol=1e-6)
     np.testing.assert_allclose(
-        d.categorical_kl(logits, jnp.log(jnp.asarray(q))), (p * np.log(p / q)).sum(), rtol=1e-5
+        maybe_jit(d.categorical_kl)(logits, jnp.log(jnp.asarray(q))), (p * np.log(p / q)).sum(), rtol=1e-5
     )
 
 
@@ -63,9 +71,9 @@ def test_sampled_kl_estimators():
     assert float(jnp.min(d.kl_k1(logp, logp_ref))) < 0.0
 
 
-def test_kl_estimators_are_zero_on_policy_and_finite_at_extremes():
+def test_kl_estimators_are_zero_on_policy_and_finite_at_extremes(maybe_jit):
     x = jnp.array([-3.0, -0.1])
-    for fn in (d.kl_k1, d.kl_k2, d.kl_k3):
+    for fn in map(maybe_jit, (d.kl_k1, d.kl_k2, d.kl_k3)):
         np.testing.assert_allclose(fn(x, x), 0.0, atol=1e-7)
         assert jnp.all(jnp.isfinite(fn(jnp.array([0.0, -1e4]), jnp.array([-1e4, 0.0]))))
 

@@ -12,7 +12,14 @@ import pytest
 
 from envs.tabular import random_mdp
 from polygrad import tabular
-from polygrad.returns import discounted_returns
+from polygrad.estimators.returns import discounted_returns
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_rank_promotion():
+    """Every test here (and every module fixture) runs with jax_numpy_rank_promotion="raise"."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
 
 NUM_STATES, NUM_ACTIONS, GAMMA = 4, 3, 0.8
 HORIZON = 60  # gamma^60 / (1 - gamma) < 1e-5: truncation bias far below the standard errors (~5e-3)

@@ -9,6 +9,13 @@ from hypothesis import strategies as st
 
 from polygrad import returns
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_rank_promotion():
+    """Every test here (and every module fixture) runs with jax_numpy_rank_promotion="raise"."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
 GAMMA = 0.9
 
 

@@ -5,8 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polygrad.sampling import response_mask, sample, sequence_log_probs
-from polygrad.transformer import TransformerLM, init_params
+from polygrad.lm.sampling import response_mask, sample, sequence_log_probs
+from polygrad.lm.transformer import TransformerLM, init_params
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_rank_promotion():
+    """Every test here (and every module fixture) runs with jax_numpy_rank_promotion="raise"."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
 
 EOS, PAD = 3, 0
 MODEL = TransformerLM(vocab_size=8, max_len=16, d_model=32, num_layers=2, num_heads=4)

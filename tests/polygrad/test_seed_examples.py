@@ -3,17 +3,37 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from polygrad import distributions, importance, returns
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_rank_promotion():
+    """Every test here (and every module fixture) runs with jax_numpy_rank_promotion="raise"."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
+
 def test_example_1_1_discrete_expectation():
-    # E[x^2] for p = (0.2, 0.5, 0.3) on {1, 2, 3} is 4.9, the probability-weighted average.
-    logits = jnp.log(jnp.array([0.2, 0.5, 0.3]))
-    xs = jnp.arange(3)
-    probs = jnp.exp(distributions.categorical_log_prob(jnp.broadcast_to(logits, (3, 3)), xs))
-    expectation = jnp.sum(probs * (xs + 1.0) ** 2)
-    np.testing.assert_allclose(expectation, 4.9, rtol=1e-6)
+    # E[x^2] for p = (0.2, 0.5, 0.3) on {1, 2, 3} is 0.2 + 2.0 + 2.7 = 4.9 (the seed's number).
+    values = np.array([1.0, 4.0, 9.0])
+    actions = jnp.arange(3)
+
+    def expectation(logits):
+        """E_p[x^2] with p(x) from polygrad's categorical log-probabilities."""
+        probs = jnp.exp(distributions.categorical_log_prob(jnp.broadcast_to(logits, (3, 3)), actions))
+        return jnp.sum(probs * values)
+
+    np.testing.assert_allclose(expectation(jnp.log(jnp.array([0.2, 0.5, 0.3]))), 4.9, rtol=1e-6)
+    # Unnormalised logits: an independent float64 softmax in numpy gives the same expectation.
+    logits = np.array([0.3, -1.2, 2.0])
+    p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(expectation(jnp.asarray(logits, jnp.float32)), p @ values, rtol=1e-6)
+    # ... and so does the average over samples of polygrad's sampler (Monte-Carlo error ~ 0.007).
+    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (200_000, 3))
+    x = distributions.categorical_sample(jax.random.PRNGKey(0), batch)
+    assert abs(float(jnp.mean(jnp.asarray(values, jnp.float32)[x])) - p @ values) < 0.04
 
 
 def test_example_1_2_continuous_expectation_by_monte_carlo():
@@ -22,9 +42,23 @@ def test_example_1_2_continuous_expectation_by_monte_carlo():
     assert abs(float(jnp.mean(x**2)) - 1.0) < 0.015
 
 
-def test_example_1_3_bernoulli_probability_by_monte_carlo():
-    x = jax.random.bernoulli(jax.random.PRNGKey(1), 0.3, (100_000,))
-    assert abs(float(jnp.mean(x)) - 0.3) < 0.006
+def test_example_1_3_probability_as_an_expectation_by_importance_sampling():
+    # P(x = 1) = E[1{x = 1}] = 0.3 for x ~ Bernoulli(0.3), estimated from samples of a uniform proposal q
+    # with polygrad's categorical log-probs, ratios and IS estimators (unbiased, 003 eq. 5).
+    logits_p = jnp.log(jnp.array([0.7, 0.3]))
+    logits_q = jnp.zeros(2)
+    n = 100_000
+    x = distributions.categorical_sample(jax.random.PRNGKey(1), jnp.broadcast_to(logits_q, (n, 2)))
+    w = importance.ratios(distributions.categorical_log_prob(jnp.broadcast_to(logits_p, (n, 2)), x),
+                          distributions.categorical_log_prob(jnp.broadcast_to(logits_q, (n, 2)), x))
+    np.testing.assert_allclose(np.unique(np.asarray(w)), [0.6, 1.4], rtol=1e-6)  # 0.3 / 0.5, 0.7 / 0.5
+    indicator = (x == 1).astype(jnp.float32)
+    # Standard error sqrt(Var_q[w 1{x=1}] / n) = sqrt((0.5 * 0.36 - 0.09) / n) ~ 0.001.
+    assert abs(float(importance.ordinary_is(w, indicator)) - 0.3) < 0.005
+    assert abs(float(importance.self_normalised_is(w, indicator)) - 0.3) < 0.005
+    # The exact expectation under q, with each outcome weighted by q = 0.5, is exactly 0.3.
+    exact_w = importance.ratios(jax.nn.log_softmax(logits_p), jax.nn.log_softmax(logits_q))
+    np.testing.assert_allclose(importance.ordinary_is(exact_w, jnp.array([0.0, 1.0])), 0.3, rtol=1e-6)
 
 
 def test_example_1_4_return_of_a_three_step_rollout():

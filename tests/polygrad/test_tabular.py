@@ -8,6 +8,13 @@ import pytest
 from envs.tabular import BAD, S1, FiniteMDP, contextual_bandit, distribution_shift_example
 from polygrad import tabular
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_rank_promotion():
+    """Every test here (and every module fixture) runs with jax_numpy_rank_promotion="raise"."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
 NUM_MDPS = 8
 S, A = 5, 3
 

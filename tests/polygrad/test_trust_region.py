@@ -10,6 +10,13 @@ from envs import tabular as tabular_envs
 from polygrad import tabular
 from polygrad import trust_region as tr
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_rank_promotion():
+    """Every test here (and every module fixture) runs with jax_numpy_rank_promotion="raise"."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
 OBS_DIM, HIDDEN, NUM_ACTIONS, ACTION_DIM = 3, 5, 4, 2
 
 
@@ -25,8 +32,11 @@ def init_mlp(key, out_dim):
 
 
 def mlp(params, obs):
-    hidden = jnp.tanh(obs @ params["hidden"]["w"] + params["hidden"]["b"])
-    return hidden @ params["out"]["w"] + params["out"]["b"]
+    def dense(x, layer):
+        y = x @ layer["w"]
+        return y + jnp.broadcast_to(layer["b"], y.shape)
+
+    return dense(jnp.tanh(dense(obs, params["hidden"])), params["out"])
 
 
 def log_softmax_kl(logits_p, logits_q):
@@ -36,6 +46,8 @@ def log_softmax_kl(logits_p, logits_q):
 
 
 def diagonal_gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
+    log_std_p = jnp.broadcast_to(log_std_p, mean_p.shape)
+    log_std_q = jnp.broadcast_to(log_std_q, mean_q.shape)
     var_p, var_q = jnp.exp(2 * log_std_p), jnp.exp(2 * log_std_q)
     per_dim = log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5
     return jnp.sum(per_dim, axis=-1)
@@ -56,7 +68,7 @@ def categorical_problem(key, batch=6):
 
 def spd_matrix(key, n, condition=10.0):
     q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n)))
-    return (q * jnp.linspace(1.0, condition, n)) @ q.T
+    return (q * jnp.linspace(1.0, condition, n)[None, :]) @ q.T
 
 
 def as_tree(vector):
@@ -247,7 +259,9 @@ def test_trpo_step_keeps_kl_within_delta_and_never_decreases_surrogate(steps_on_
     assert np.any(steps[accepted] > 1)  # ... and some of them only after backtracking
     np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(metrics["actual_improvement"], new - old, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(metrics["step_fraction"])[accepted], 0.5 ** (steps[accepted] - 1))
+    factor = tr.TrustRegionConfig(**STEP_CONFIG).backtrack_factor
+    expected_fraction = factor ** (steps[accepted] - 1)
+    np.testing.assert_allclose(np.asarray(metrics["step_fraction"])[accepted], expected_fraction, rtol=1e-6)
     # A rejected line search leaves the parameters untouched.
     moved = jax.vmap(lambda a, b: jnp.any(ravel_pytree(a)[0] != ravel_pytree(b)[0]))(new_params, params)
     np.testing.assert_array_equal(np.asarray(moved), accepted)
@@ -304,9 +318,26 @@ def test_zero_advantages_give_no_step_and_finite_metrics(step_fn):
 
 def test_trust_region_config_rejects_bad_values():
     for bad in (dict(max_kl=0.0), dict(cg_iterations=0), dict(damping=-0.1), dict(backtrack_factor=1.0),
-                dict(max_backtracks=0), dict(line_search="random"), dict(cg_residual_tol=-1.0)):
+                dict(max_backtracks=0), dict(line_search="random"), dict(cg_residual_tol=-1.0),
+                dict(cg_iterations=2.5), dict(max_backtracks=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tr.TrustRegionConfig(**bad)
+
+
+def test_line_search_none_is_the_natural_policy_gradient_step():
+    params, surrogate_fn, kl_fn = random_policy_batch(jax.random.PRNGKey(20))
+    config = tr.TrustRegionConfig(**STEP_CONFIG, line_search="none")
+    trpo_params, trpo_metrics = tr.trpo_step(surrogate_fn, kl_fn, params, config)
+    npg_params, npg_metrics = tr.natural_policy_gradient_step(surrogate_fn, kl_fn, params, config)
+    np.testing.assert_array_equal(ravel_pytree(trpo_params)[0], ravel_pytree(npg_params)[0])
+    assert trpo_metrics.keys() == npg_metrics.keys()
+    # backtracking_line_search with "none" takes the full step untested.
+    full_step, surrogate_old, _ = tr.natural_gradient_direction(surrogate_fn, kl_fn, params, config)
+    searched, metrics = tr.backtracking_line_search(surrogate_fn, kl_fn, params, full_step, surrogate_old,
+                                                    config)
+    np.testing.assert_allclose(ravel_pytree(searched)[0], ravel_pytree(npg_params)[0], rtol=1e-6)
+    assert float(metrics["step_fraction"]) == 1.0 and float(metrics["line_search_steps"]) == 0.0
+    np.testing.assert_allclose(metrics["kl"], npg_metrics["kl"], rtol=1e-6)
 
 
 # --- the natural gradient of a tabular softmax policy, against polygrad.tabular ---------------------------
