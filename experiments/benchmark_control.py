@@ -70,7 +70,7 @@ def profile_update(repeats: int) -> None:
     program = control.make_program(config)
     env = control.make_env(config)
     network = control.make_network(config, env)
-    learner = control.ALGORITHMS["ppo"].build(config, network.apply, config.num_updates)
+    learner = control.make_learner(config, network.apply)
     carry = jax.jit(program.init)(jax.random.PRNGKey(0))
 
     def collect(carry):
