@@ -124,7 +124,9 @@ class GeometricMeanClippedRatio:
     """
 
     clip_log_low: float = 0.4
+    """log-ratios below -clip_log_low are clipped where A < 0."""
     clip_log_high: float = 0.4
+    """log-ratios above clip_log_high are clipped where A > 0."""
 
     def __post_init__(self):
         validate.positive("GeometricMeanClippedRatio.clip_log_low", self.clip_log_low)
@@ -152,7 +154,9 @@ class SequenceProductRatio:
     """
 
     log_low: float = math.log(1e-8)
+    """lower clamp of the log sequence ratio."""
     log_high: float = 20.0
+    """upper clamp of the log sequence ratio."""
     absorbs_correction = True
 
     def __post_init__(self):
@@ -200,8 +204,11 @@ class HardClip:
     """
 
     eps_low: float = 0.2
+    """the ratio is held at 1 - eps_low where A < 0."""
     eps_high: float | None = None
+    """the ratio is held at 1 + eps_high where A > 0 (None: eps_low)."""
     dual_clip: float | None = None
+    """dual clip c > 1 + eps_high for A < 0 (None: off)."""
 
     def __post_init__(self):
         validate.in_range("HardClip.eps_low", self.eps_low, 0.0, 1.0, low_open=True)
@@ -239,7 +246,9 @@ class SoftGate:
     """
 
     tau_pos: float = 1.0
+    """temperature of the soft gate where A > 0."""
     tau_neg: float = 1.05
+    """temperature of the soft gate where A <= 0."""
 
     def __post_init__(self):
         validate.positive("SoftGate.tau_pos", self.tau_pos)
@@ -271,7 +280,9 @@ class ClippedISWeight:
     """
 
     eps_low: float | None = None
+    """lower bound 1 - eps_low of the IS weight (None: no lower bound)."""
     eps_high: float = 4.0
+    """upper bound 1 + eps_high of the IS weight."""
 
     def __post_init__(self):
         if self.eps_low is not None:
@@ -341,6 +352,7 @@ class DRO:
     """
 
     beta: float = 0.1
+    """coefficient of the quadratic penalty on log r."""
 
     def __post_init__(self):
         validate.positive("DRO.beta", self.beta)
@@ -374,9 +386,13 @@ class DivergenceMask:
     """
 
     divergence: str = "tv"
+    """tv or binary_kl."""
     eps_low: float = 0.15
+    """divergence threshold where A < 0."""
     eps_high: float | None = None
+    """divergence threshold where A > 0 (None: eps_low)."""
     cap: float | None = 1e4
+    """cap of the IS weight (None: none)."""
     uses_context = True
 
     def __post_init__(self):
@@ -450,10 +466,15 @@ class CovarianceClip:
     """
 
     eps_low: float = 1.0
+    """lower clip range of the surrogate."""
     eps_high: float | None = None
+    """upper clip range (None: eps_low)."""
     fraction: float = 2e-4
+    """share of the active tokens whose gradient is removed."""
     cov_low: float = 1.0
+    """lower bound of the covariance of candidate tokens."""
     cov_high: float = 5.0
+    """upper bound of the covariance of candidate tokens."""
     uses_context = True
 
     def __post_init__(self):
@@ -494,7 +515,9 @@ class CovarianceKL:
     """
 
     fraction: float = 2e-3
+    """share of the active tokens that get the penalty."""
     coef: float = 1.0
+    """coefficient of the |log r| penalty."""
     uses_context = True
 
     def __post_init__(self):
@@ -531,9 +554,13 @@ class GammaWeight:
     """
 
     k_pos: float = 2.0
+    """power k where A >= 0."""
     lambda_pos: float = 3.0
+    """decay lambda where A >= 0."""
     k_neg: float = 3.0
+    """power k where A < 0."""
     lambda_neg: float = 2.0
+    """decay lambda where A < 0."""
 
     def __post_init__(self):
         for name in ("k_pos", "lambda_pos", "k_neg", "lambda_neg"):
@@ -604,8 +631,11 @@ class TruncatedIS:
     """
 
     level: str = "token"
+    """token or sequence."""
     cap_max: float | None = 2.0
+    """upper cap of the weight (None: none)."""
     cap_min: float | None = None
+    """lower floor of the weight (None: none)."""
     importance_weight = True  # an IS weight: VESPO folds it into its sequence ratio
 
     def __post_init__(self):
@@ -638,9 +668,13 @@ class MaskedIS:
     """
 
     level: str = "token"
+    """token or sequence."""
     low: float | None = 0.5
+    """lower end of the band (None: open)."""
     high: float | None = 5.0
+    """upper end of the band (None: open)."""
     reweight: bool = True
+    """keep rho as the weight inside the band (False: weight 1)."""
     importance_weight = True
 
     def __post_init__(self):
@@ -672,6 +706,7 @@ class OffPolicySequenceMask:
     """
 
     delta: float
+    """mean per-token KL above which a negative-advantage response is dropped."""
 
     def __post_init__(self):
         validate.positive("OffPolicySequenceMask.delta", self.delta)
@@ -757,6 +792,7 @@ class SeqMeanTokenSumNorm:
     """
 
     constant: float | None = None
+    """the normalising constant (None: the padded length T)."""
     name = "seq_mean_token_sum_norm"
 
     def __post_init__(self):
@@ -983,7 +1019,9 @@ class KLToOld:
     factor: float = 2.0
     """beta is multiplied or divided by this factor."""
     min_coef: float = 1e-6
+    """lower clip of the adaptive coefficient."""
     max_coef: float = 1e6
+    """upper clip of the adaptive coefficient."""
 
     def __post_init__(self):
         validate.non_negative("KLToOld.coef", self.coef)
