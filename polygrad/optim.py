@@ -24,13 +24,37 @@ def make_optimizer(
     eps: float = 1e-5,
 ) -> optax.GradientTransformation:
     """Adam (eps 1e-5, as CleanRL) after global-norm gradient clipping (`max_grad_norm`; None or 0: none),
-    with the learning rate annealed linearly to 0 over `anneal_steps` gradient steps if given."""
+    with the learning rate annealed linearly to 0 over `anneal_steps` gradient steps if given.
+
+    The (initial) learning rate lives in the optimiser state (`optax.inject_hyperparams`), at
+    `opt_state.hyperparams["learning_rate"]`, so one compiled program can train several learning rates
+    at once: `set_learning_rate(opt_state, lr)` after `init`, vmapped over `lr` (`experiments.sweep`).
+    The annealing schedule starts from that state value; the updates are the same as those of
+    `optax.adam(optax.linear_schedule(learning_rate, 0, anneal_steps))` (or a constant rate).
+    """
     validate.positive("learning_rate", learning_rate)
     if max_grad_norm:
         validate.positive("max_grad_norm", max_grad_norm)
+    return optax.inject_hyperparams(_clipped_adam, static_args=("max_grad_norm", "anneal_steps", "eps"))(
+        learning_rate=learning_rate, max_grad_norm=max_grad_norm or None, anneal_steps=anneal_steps or None,
+        eps=eps)
+
+
+def _clipped_adam(learning_rate, max_grad_norm, anneal_steps, eps) -> optax.GradientTransformation:
     lr = optax.linear_schedule(learning_rate, 0.0, anneal_steps) if anneal_steps else learning_rate
     clip = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     return optax.chain(*clip, optax.adam(lr, eps=eps))
+
+
+def set_learning_rate(opt_state: Any, learning_rate: float | jax.Array) -> Any:
+    """`opt_state` of `make_optimizer` with its (initial) learning rate replaced: a traced value works, so
+    `jax.vmap` over it gives one optimiser per learning rate. Every optimiser state inside `opt_state`
+    (e.g. a learner's) is changed."""
+    current = optax.tree.get_all_with_path(opt_state, "learning_rate")
+    if not current:
+        raise ValueError("this optimiser state holds no learning rate (not one of optim.make_optimizer)")
+    dtype = jnp.result_type(current[0][1])
+    return optax.tree.set(opt_state, learning_rate=jnp.asarray(learning_rate, dtype))
 
 
 def gradient_step(
