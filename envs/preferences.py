@@ -159,7 +159,8 @@ class GradedLetters:
         is_disliked = is_letter & (responses == LETTER_A + disliked[:, None])
         is_digit = (responses >= DIGIT0) & (responses < DIGIT0 + 10) & inside
         bigram = is_liked[:, :-1] & is_digit[:, 1:]
-        per_token = jnp.sum((responses[:, :, None] == jnp.arange(VOCAB_SIZE)) & inside[:, :, None], axis=1)
+        ordinary = inside & (responses > max(PAD, BOS, SEP, EOS))  # special tokens are never counted
+        per_token = jnp.sum((responses[:, :, None] == jnp.arange(VOCAB_SIZE)) & ordinary[:, :, None], axis=1)
         excess = jnp.maximum(per_token - self.repeat_allowance, 0).astype(jnp.float32)
 
         def count(x):

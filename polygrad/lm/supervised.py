@@ -43,16 +43,19 @@ class FitResult(NamedTuple):
 
 
 def fit(loss_fn: optim.LossFn, tx: optax.GradientTransformation, params: Any, data: Any, key: jax.Array,
-        num_steps: int, batch_size: int, opt_state: Any = None) -> FitResult:
+        num_steps: int, batch_size: int, opt_state: Any = None, num_rows: int | jax.Array | None = None
+        ) -> FitResult:
     """``num_steps`` gradient steps on ``loss_fn(params, batch) -> (loss, metrics)``.
 
-    Step s draws ``batch_size`` row indices uniformly (with replacement) with the s-th key of
-    ``jax.random.split(key, num_steps)`` and takes one `optim.gradient_step` on those rows of ``data`` (a
-    pytree whose leaves share the leading axis ``[N, ...]``). ``opt_state`` None: ``tx.init(params)``.
-    Jittable with ``loss_fn``, ``tx``, ``num_steps`` and ``batch_size`` static; ``num_steps = 0`` returns
-    the inputs.
+    Step s draws ``batch_size`` row indices uniformly (with replacement) from the first ``num_rows`` rows
+    (all rows if None; a traced integer is fine, so one compilation serves data sets of several sizes padded
+    to one shape) with the s-th key of ``jax.random.split(key, num_steps)`` and takes one
+    `optim.gradient_step` on those rows of ``data`` (a pytree whose leaves share the leading axis
+    ``[N, ...]``). ``opt_state`` None: ``tx.init(params)``; pass the returned state to continue a fit in
+    several calls. Jittable with ``loss_fn``, ``tx``, ``num_steps`` and ``batch_size`` static;
+    ``num_steps = 0`` returns the inputs.
     """
-    n = jax.tree.leaves(data)[0].shape[0]
+    n = jax.tree.leaves(data)[0].shape[0] if num_rows is None else num_rows
     opt_state = tx.init(params) if opt_state is None else opt_state
     metric_shapes = jax.eval_shape(lambda p, b: optim.gradient_step(loss_fn, tx, p, opt_state, b)[2], params,
                                    jax.tree.map(lambda x: x[:batch_size], data))
@@ -134,11 +137,12 @@ def reward_model_loss(model: TransformerLM, params, prompts: jax.Array, chosen: 
 
 def fit_reward_model(model: TransformerLM, params, tx: optax.GradientTransformation, prompts: jax.Array,
                      chosen: jax.Array, rejected: jax.Array, chosen_mask: jax.Array, rejected_mask: jax.Array,
-                     key: jax.Array, num_steps: int, batch_size: int, label_smoothing: float = 0.0
-                     ) -> FitResult:
+                     key: jax.Array, num_steps: int, batch_size: int, label_smoothing: float = 0.0,
+                     opt_state: Any = None, num_rows: int | jax.Array | None = None) -> FitResult:
     """Fit a reward model (initialised from the SFT parameters, value head as the scalar head) to
-    comparisons with the Bradley-Terry loss: ``num_steps`` steps on ``batch_size`` pairs (see `fit`).
-    Metrics per step: loss, accuracy, margin, reward_chosen, reward_rejected, grad_norm."""
+    comparisons with the Bradley-Terry loss: ``num_steps`` steps on ``batch_size`` pairs drawn from the
+    first ``num_rows`` (see `fit`). Metrics per step: loss, accuracy, margin, reward_chosen,
+    reward_rejected, grad_norm."""
     chex.assert_equal_shape([chosen, rejected, chosen_mask, rejected_mask])
 
     def loss_fn(params, batch):
@@ -150,7 +154,7 @@ def fit_reward_model(model: TransformerLM, params, tx: optax.GradientTransformat
 
     data = (prompts, chosen, rejected, jnp.asarray(chosen_mask, jnp.float32),
             jnp.asarray(rejected_mask, jnp.float32))
-    return fit(with_loss, tx, params, data, key, num_steps, batch_size)
+    return fit(with_loss, tx, params, data, key, num_steps, batch_size, opt_state, num_rows)
 
 
 def dpo_model_loss(model: TransformerLM, params, prompts: jax.Array, chosen: jax.Array, rejected: jax.Array,

@@ -57,7 +57,8 @@ def test_bradley_terry_extreme_margins_and_smoothing():
     smooth, _ = preference.bradley_terry_loss(jnp.asarray([2.0]), jnp.asarray([0.0]), label_smoothing=eps)
     np.testing.assert_allclose(smooth, (1 - eps) * math.log1p(math.exp(-2)) + eps * math.log1p(math.exp(2)),
                                rtol=1e-6)
-    weighted, _ = preference.bradley_terry_loss(jnp.asarray([1.0, 5.0]), jnp.zeros(2), weights=jnp.asarray([1.0, 0.0]))
+    weighted, _ = preference.bradley_terry_loss(jnp.asarray([1.0, 5.0]), jnp.zeros(2),
+                                                weights=jnp.asarray([1.0, 0.0]))
     np.testing.assert_allclose(weighted, math.log1p(math.exp(-1.0)), rtol=1e-6)
     empty, _ = preference.bradley_terry_loss(jnp.asarray([1.0]), jnp.zeros(1), weights=jnp.zeros(1))
     assert float(empty) == 0.0
@@ -72,10 +73,14 @@ def test_dpo_loss_by_hand_and_gradient(maybe_jit):
     loss, metrics = maybe_jit(preference.dpo_loss)(lw, ll, rw, rl, beta)
     z = beta * ((np.asarray(lw) - np.asarray(rw)) - (np.asarray(ll) - np.asarray(rl)))  # [0.5, -1.0]
     np.testing.assert_allclose(loss, np.mean(np.log1p(np.exp(-z))), rtol=1e-6)
-    np.testing.assert_allclose(metrics["reward_chosen"], beta * np.mean(np.asarray(lw) - np.asarray(rw)), rtol=1e-6)
+    np.testing.assert_allclose(metrics["reward_chosen"], beta * np.mean(np.asarray(lw) - np.asarray(rw)),
+                               rtol=1e-6)
     np.testing.assert_allclose(metrics["accuracy"], 0.5)
     # Rafailov et al. eq. 8: d loss / d log pi(y_w) = -beta sigmoid(-z) / B, and the reference gets none
-    grads = jax.grad(lambda a, b, c, d: preference.dpo_loss(a, b, c, d, beta)[0], argnums=(0, 1, 2))(lw, ll, rw, rl)
+    def loss(a, b, c, d):
+        return preference.dpo_loss(a, b, c, d, beta)[0]
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(lw, ll, rw, rl)
     np.testing.assert_allclose(grads[0], -beta * _sigmoid(-z) / 2, rtol=1e-5)
     np.testing.assert_allclose(grads[1], beta * _sigmoid(-z) / 2, rtol=1e-5)
     np.testing.assert_allclose(grads[2], 0.0)
@@ -83,7 +88,7 @@ def test_dpo_loss_by_hand_and_gradient(maybe_jit):
     h = 1e-3
     for i in range(2):
         e = jnp.zeros(2).at[i].set(h)
-        fd = (preference.dpo_loss(lw, ll + e, rw, rl, beta)[0] - preference.dpo_loss(lw, ll - e, rw, rl, beta)[0]) / (2 * h)
+        fd = (loss(lw, ll + e, rw, rl) - loss(lw, ll - e, rw, rl)) / (2 * h)
         np.testing.assert_allclose(fd, grads[1][i], rtol=2e-2)
     with pytest.raises(validate.ConfigError, match="beta"):
         preference.dpo_loss(lw, ll, rw, rl, 0.0)
@@ -151,7 +156,8 @@ def test_best_of_n_estimate_is_the_exact_subset_average():
             subsets = list(combinations(range(m), n))
             exact = np.mean([values[row, max(s, key=lambda i: proxy[row, i])] for s in subsets])
             np.testing.assert_allclose(est[row], exact, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(preference.best_of_n_estimate(proxy, values, 1), jnp.mean(values, 1), rtol=1e-5)
+    np.testing.assert_allclose(preference.best_of_n_estimate(proxy, values, 1), jnp.mean(values, 1),
+                               rtol=1e-5)
     np.testing.assert_allclose(preference.best_of_n_estimate(proxy, values, m),
                                jnp.take_along_axis(values, jnp.argmax(proxy, 1)[:, None], 1)[:, 0])
 
@@ -228,3 +234,16 @@ def test_reward_model_and_dpo_steps_learn_a_preference():
     assert float(rm["accuracy"][-1]) == 1.0 and float(rm["loss"][-1]) < 0.1
     np.testing.assert_allclose(loss0, math.log(2.0), rtol=1e-5)  # policy = reference: margin 0
     assert float(dpo["margin"][-1]) > 1.0
+
+
+def test_fit_draws_rows_from_the_first_num_rows_only():
+    data = jnp.arange(10.0)
+
+    def loss_fn(params, batch):
+        return (params - jnp.mean(batch)) ** 2, {"largest_row": jnp.max(batch)}
+
+    fit = jax.jit(supervised.fit, static_argnums=(0, 1, 5, 6))
+    out = fit(loss_fn, optax.sgd(0.1), jnp.zeros(()), data, jax.random.PRNGKey(0), 50, 4, None, 3)
+    assert float(jnp.max(out.metrics["largest_row"])) == 2.0
+    out = fit(loss_fn, optax.sgd(0.1), jnp.zeros(()), data, jax.random.PRNGKey(0), 50, 4, None, 10)
+    assert float(jnp.max(out.metrics["largest_row"])) == 9.0
