@@ -287,6 +287,7 @@ def evaluate(run_dir: str, episodes: int = 10, seed: int = 0, gif: bool = True, 
 # --- drawing the classic-control environments (Pillow; no gym or pygame) ----------------------------
 
 WIDTH, HEIGHT = 360, 240
+SUPERSAMPLE = 3  # frames are drawn at 3x and downscaled: smooth edges
 MAX_FRAMES = 250
 
 
@@ -295,8 +296,10 @@ def _frame_seconds(env_name: str) -> float:
 
 
 def render_episode(env_name: str, states: Any, title: str = "", max_frames: int = MAX_FRAMES) -> list:
-    """PIL images of the gymnax states of one episode (leaves `[T]`), at most `max_frames` (every k-th
-    state; the frame duration in `save_gif` is scaled to match)."""
+    """PIL images of the gymnax states of one episode (a gymnax `EnvState` with leaves `[T]`), at most
+    `max_frames` (every k-th state; the frame duration in `save_gif` is scaled to match)."""
+    from PIL import Image, ImageDraw
+
     columns = {f.name: np.asarray(getattr(states, f.name)) for f in dataclasses.fields(states)}
     length = len(next(iter(columns.values())))
     every = max(1, -(-length // max_frames))
@@ -305,10 +308,14 @@ def render_episode(env_name: str, states: Any, title: str = "", max_frames: int 
     frames = []
     for t in range(0, length, every):
         state = {name: float(column[t]) for name, column in columns.items()}
-        image, canvas = _canvas()
-        draw(canvas, state)
-        canvas.text((6, 4), f"{env_name}  {title}", fill=(40, 40, 40))
-        canvas.text((6, HEIGHT - 16), f"step {t + 1}/{length}", fill=(40, 40, 40))
+        big = Image.new("RGB", (WIDTH * SUPERSAMPLE, HEIGHT * SUPERSAMPLE), (255, 255, 255))
+        draw(_Canvas(ImageDraw.Draw(big), SUPERSAMPLE), state)
+        image = big.resize((WIDTH, HEIGHT), Image.Resampling.LANCZOS)
+        text = ImageDraw.Draw(image)
+        text.text((6, 4), f"{env_name}  {title}", fill=(40, 40, 40))
+        text.text((6, HEIGHT - 16), f"step {t + 1}/{length}", fill=(40, 40, 40))
+        if "last_u" in state:
+            text.text((WIDTH - 100, HEIGHT - 16), f"torque {state['last_u']:+.2f}", fill=(40, 40, 40))
         frames.append(image)
     for frame in frames:
         frame.info["every"] = every
@@ -321,7 +328,7 @@ def save_gif(frames: list, path: str, frame_seconds: float) -> None:
         raise ValueError("no frames to save")
     every = frames[0].info.get("every", 1)
     duration = max(20, int(round(1000 * frame_seconds * every)))
-    palette = [f.convert("P", palette=1, colors=32) for f in frames]  # 1: ADAPTIVE
+    palette = [f.convert("P", palette=1, colors=64) for f in frames]  # 1: ADAPTIVE
 
     def write(f):
         palette[0].save(f, format="GIF", save_all=True, append_images=palette[1:], duration=duration, loop=0,
@@ -330,11 +337,26 @@ def save_gif(frames: list, path: str, frame_seconds: float) -> None:
     runs._atomic_write(path, write)
 
 
-def _canvas():
-    from PIL import Image, ImageDraw
+class _Canvas:
+    """ImageDraw in the coordinates of the final WIDTH x HEIGHT frame, drawn `k` times larger."""
 
-    image = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
-    return image, ImageDraw.Draw(image)
+    def __init__(self, draw, k: int):
+        self.draw, self.k = draw, k
+
+    def _points(self, points):
+        return [(x * self.k, y * self.k) for x, y in points]
+
+    def line(self, points, fill, width=1):
+        self.draw.line(self._points(points), fill=fill, width=int(width * self.k), joint="curve")
+
+    def polygon(self, points, fill):
+        self.draw.polygon(self._points(points), fill=fill)
+
+    def rectangle(self, box, fill):
+        self.draw.rectangle([v * self.k for v in box], fill=fill)
+
+    def ellipse(self, box, fill):
+        self.draw.ellipse([v * self.k for v in box], fill=fill)
 
 
 def _draw_cartpole(canvas, s):
@@ -367,8 +389,6 @@ def _draw_pendulum(canvas, s):
     tip = (ox - scale * np.sin(s["theta"]), oy - scale * np.cos(s["theta"]))  # theta 0: upright
     canvas.line([(ox, oy), tip], fill=(204, 77, 77), width=10)
     canvas.ellipse([ox - 5, oy - 5, ox + 5, oy + 5], fill=(0, 0, 0))
-    torque = s.get("last_u", 0.0)
-    canvas.text((ox - 30, oy + scale + 4), f"torque {torque:+.2f}", fill=(40, 40, 40))
 
 
 def _draw_mountain_car(canvas, s):
