@@ -182,7 +182,9 @@ def policy_action(network: networks.ActorCritic, params: Any, obs_stats: Any, ob
     if obs_stats is not None:  # as envs.control.NormalizeObservation (clip 10, epsilon 1e-8)
         obs = jnp.clip((obs - obs_stats.mean) / jnp.sqrt(obs_stats.var + 1e-8), -10.0, 10.0)
     dist = network.apply(params, obs, method=networks.ActorCritic.policy)
-    return dist.mode() if greedy else dist.sample(key)
+    if isinstance(greedy, bool):
+        return dist.mode() if greedy else dist.sample(key)
+    return jnp.where(greedy, dist.mode(), dist.sample(key))  # a traced flag: one program for both
 
 
 def load_policy(run_dir: str, seed: int = 0) -> tuple[Any, Callable[..., jax.Array]]:
@@ -203,16 +205,17 @@ def load_policy(run_dir: str, seed: int = 0) -> tuple[Any, Callable[..., jax.Arr
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def make_evaluate(run: TrainedRun, episodes: int, greedy: bool, max_steps: int | None = None):
-    """A jitted `(params [S], obs_stats [S], keys [S]) -> (returns [S, E], lengths [S, E], states)` playing
-    `episodes` episodes per seed to their end (or the time limit), with `states` the gymnax state before
-    every step `[S, T, E]` (for the GIF)."""
+def make_evaluate(run: TrainedRun, episodes: int, max_steps: int | None = None):
+    """A jitted `(params [S], obs_stats [S], keys [S], greedy) -> (returns [S, E], lengths [S, E], states)`
+    playing `episodes` episodes per seed to their end (or the time limit), greedily or sampled (`greedy`
+    a boolean array: one compilation for both), with `states` the gymnax state before every step
+    `[S, T, E]` (for the GIF)."""
     config = run.config
     overrides = {} if config.max_episode_steps is None else {"max_steps_in_episode": config.max_episode_steps}
     env = control_envs.VecEnv(config.env, episodes, **overrides)
     horizon = max_steps or env.max_episode_steps
 
-    def one_seed(params, obs_stats, key):
+    def one_seed(params, obs_stats, key, greedy):
         reset_key, key = jax.random.split(key)
         obs, state = env.reset(reset_key)
 
@@ -231,7 +234,7 @@ def make_evaluate(run: TrainedRun, episodes: int, greedy: bool, max_steps: int |
         (_, _, _, ret, length), states = jax.lax.scan(step, init, jax.random.split(key, horizon))
         return ret, length, states
 
-    return jax.jit(jax.vmap(one_seed))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None)))
 
 
 def _summary(returns: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
@@ -262,9 +265,10 @@ def evaluate(run_dir: str, episodes: int = 10, seed: int = 0, gif: bool = True, 
                               "env_steps_per_seed": run.updates_done * run.config.batch_size,
                               "episodes_per_seed": episodes, "eval_seed": seed}
     states = None
+    play = make_evaluate(run, episodes)
     for mode, greedy in (("greedy", True), ("sampled", False)):
         keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), int(greedy)), num_seeds)
-        returns, lengths, mode_states = make_evaluate(run, episodes, greedy)(run.params, run.obs_stats, keys)
+        returns, lengths, mode_states = play(run.params, run.obs_stats, keys, jnp.asarray(greedy))
         result[mode] = _summary(np.asarray(returns, np.float64), np.asarray(lengths))
         log(f"{mode:8s} return {result[mode]['mean_return']:9.2f} (per seed "
             f"{', '.join(f'{x:.1f}' for x in result[mode]['mean_return_per_seed'])})")
@@ -396,7 +400,7 @@ def _draw_mountain_car(canvas, s):
 
     def point(x):
         y = np.sin(3 * x) * 0.45 + 0.55
-        return ((x - low) / (high - low) * WIDTH, HEIGHT - 20 - y * (HEIGHT - 50))
+        return ((x - low) / (high - low) * WIDTH, HEIGHT - 22 - y * (HEIGHT - 80))
 
     xs = np.linspace(low, high, 100)
     canvas.line([point(x) for x in xs], fill=(0, 0, 0), width=2)

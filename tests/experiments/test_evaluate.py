@@ -96,3 +96,34 @@ def test_the_command_line_refuses_a_folder_without_a_run_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no config.json" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_run_that_normalised_observations_is_evaluated_with_its_frozen_statistics(tmp_path):
+    # no training: a checkpoint of the initial carry, with made-up normaliser statistics
+    config = control.default_config("ppo", "Pendulum-v1", num_seeds=2, num_envs=2, num_steps=8,
+                                    total_steps=32, hidden_sizes=(8,), **{"learner.num_minibatches": 2})
+    assert config.normalize_observations
+    run_dir = str(tmp_path / "pendulum")
+    runs.prepare_run_dir(run_dir, runs.config_to_dict(config))
+    carry = jax.jit(runs.vmap_seeds(control.make_program(config).init))(runs.seed_keys(0, 2))
+    stats = evaluate._find_obs_stats(carry.env_state)
+    mean, var = np.array([[0.5, -0.5, 1.0], [0.1, 0.2, 0.3]], np.float32), np.full((2, 3), 4.0, np.float32)
+    carry = _replace_obs_stats(carry, stats.replace(mean=mean, var=var))
+    runs.save_checkpoint(run_dir, carry, 0)
+    run = evaluate.load_run(run_dir)
+    np.testing.assert_array_equal(run.obs_stats.mean, mean)
+    params, act = evaluate.load_policy(run_dir, seed=1)
+    obs = np.array([1.1, 2.2, 1.3], np.float32)
+    normalised = (obs - mean[1]) / np.sqrt(var[1] + 1e-8)
+    dist = run.network.apply(params, normalised, method=evaluate.networks.ActorCritic.policy)
+    np.testing.assert_allclose(act(obs, jax.random.PRNGKey(0), greedy=True), dist.mode(), rtol=1e-6)
+    result = evaluate.evaluate(run_dir, episodes=2, gif=False, log=lambda _: None)
+    assert np.asarray(result["greedy"]["returns"]).shape == (2, 2) and "gif" not in result
+    assert result["greedy"]["mean_length"] == 200  # Pendulum: always the time limit
+
+
+def _replace_obs_stats(state, stats):
+    """`state` (a carry or a wrapped environment state) with its NormalizeObservation statistics replaced."""
+    if isinstance(state, control_envs.NormalizeObservationState):
+        return state.replace(obs_stats=stats)
+    return state.replace(env_state=_replace_obs_stats(state.env_state, stats))
