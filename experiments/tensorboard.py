@@ -8,7 +8,8 @@ one event file per seed and call, tag = metric name, step = environment steps pe
 writes them as null. `tensorboard --logdir RUN_DIR/tensorboard` shows every seed as a run.
 
 `read_scalars(run_dir)` reads them back (`{seed: {tag: [(step, value)]}}`) with a small TFRecord reader,
-so that tests and scripts need neither TensorBoard nor TensorFlow.
+so that tests and scripts need neither TensorBoard nor TensorFlow. `python -m experiments.tensorboard
+RUN_DIR` writes the event files of an existing run folder from its metrics.jsonl.
 
 Metrics are append-only: a run killed after its events were written but before its checkpoint resumes
 and writes those updates again; TensorBoard then shows the later value for a repeated step, and
@@ -101,3 +102,30 @@ def read_scalars(run_dir: str) -> dict[int, dict[str, list[tuple[int, float]]]]:
                     values.setdefault(value.tag, {})[int(event.step)] = float(value.simple_value)
         out[seed] = {tag: sorted(steps.items()) for tag, steps in values.items()}
     return out
+
+
+def export_run(run_dir: str) -> int:
+    """(Re)write the event files of a finished or running run folder from its metrics.jsonl (for runs made
+    with `--no-tensorboard`); the folder's tensorboard/ is replaced. Returns the number of scalars."""
+    import shutil
+
+    from experiments import runs
+
+    env_steps, metrics = runs.load_metrics(run_dir)
+    steps_per_update = int(env_steps[0])
+    if not np.array_equal(env_steps, np.arange(1, len(env_steps) + 1) * steps_per_update):
+        raise ValueError(f"{run_dir}: env_steps are not a multiple of the update number")
+    shutil.rmtree(os.path.join(run_dir, TENSORBOARD_DIR), ignore_errors=True)
+    return write_scalars(run_dir, metrics, 0, steps_per_update)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m experiments.tensorboard RUN_DIR...`: write the event files of existing run folders."""
+    import sys
+
+    for run_dir in sys.argv[1:] if argv is None else argv:
+        print(f"{run_dir}: {export_run(run_dir)} scalars in {os.path.join(run_dir, TENSORBOARD_DIR)}")
+
+
+if __name__ == "__main__":
+    main()

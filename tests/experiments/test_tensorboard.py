@@ -1,5 +1,6 @@
 """experiments/tensorboard.py: event files written per seed and chunk read back with the right values."""
 
+import json
 import math
 
 import numpy as np
@@ -31,3 +32,14 @@ def test_a_rewritten_chunk_keeps_the_last_value_and_a_cut_file_is_read_up_to_the
     path = sorted((tmp_path / "tensorboard" / "seed_0").iterdir())[-1]
     path.write_bytes(path.read_bytes()[:-7])  # a writer killed mid-record
     assert tensorboard.read_scalars(run_dir)[0]["x"] == [(10, 1.0), (20, 2.0)]
+
+
+def test_an_existing_run_folder_is_exported_from_its_metrics_file(tmp_path):
+    rows = [{"update": u, "seed": s, "env_steps": u * 64, "episode_return": None if u == 1 else 10.0 * u + s,
+             "loss": 0.5 * u} for u in (1, 2, 3) for s in (0, 1)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert tensorboard.export_run(str(tmp_path)) == 2 * 3 + 2 * 2
+    assert tensorboard.export_run(str(tmp_path)) == 10  # replaced, not appended
+    scalars = tensorboard.read_scalars(str(tmp_path))
+    assert scalars[1]["episode_return"] == [(128, 21.0), (192, 31.0)]
+    assert scalars[0]["loss"] == [(64, 0.5), (128, 1.0), (192, 1.5)]
