@@ -48,6 +48,7 @@ def test_an_unknown_part_type_or_field_is_refused():
         evaluate.config_from_dict({**saved, "colour": "red"})
 
 
+@pytest.mark.slow  # trains CartPole for 30k steps (about a minute)
 def test_evaluate_writes_eval_json_and_a_gif_of_a_balancing_greedy_policy(trained_run):
     result = evaluate.evaluate(trained_run, episodes=8, log=lambda _: None)
     with open(os.path.join(trained_run, evaluate.EVAL_FILE)) as f:
@@ -64,6 +65,7 @@ def test_evaluate_writes_eval_json_and_a_gif_of_a_balancing_greedy_policy(traine
     assert saved["gif"]["episode_length"] == int(greedy[0, 0])
 
 
+@pytest.mark.slow
 def test_load_policy_in_three_lines_gives_a_pure_act(trained_run):
     params, act = evaluate.load_policy(trained_run, seed=0)
     obs = np.zeros((5, 4), np.float32)
@@ -98,7 +100,7 @@ def test_the_command_line_refuses_a_folder_without_a_run_in_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_a_run_that_normalised_observations_is_evaluated_with_its_frozen_statistics(tmp_path):
+def test_a_run_that_normalised_observations_is_evaluated_with_its_frozen_statistics_and_drawn(tmp_path):
     # no training: a checkpoint of the initial carry, with made-up normaliser statistics
     config = control.default_config("ppo", "Pendulum-v1", num_seeds=2, num_envs=2, num_steps=8,
                                     total_steps=32, hidden_sizes=(8,), **{"learner.num_minibatches": 2})
@@ -117,9 +119,15 @@ def test_a_run_that_normalised_observations_is_evaluated_with_its_frozen_statist
     normalised = (obs - mean[1]) / np.sqrt(var[1] + 1e-8)
     dist = run.network.apply(params, normalised, method=evaluate.networks.ActorCritic.policy)
     np.testing.assert_allclose(act(obs, jax.random.PRNGKey(0), greedy=True), dist.mode(), rtol=1e-6)
-    result = evaluate.evaluate(run_dir, episodes=2, gif=False, log=lambda _: None)
-    assert np.asarray(result["greedy"]["returns"]).shape == (2, 2) and "gif" not in result
-    assert result["greedy"]["mean_length"] == 200  # Pendulum: always the time limit
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[1]), params, carry.learner.params)
+    result = evaluate.evaluate(run_dir, episodes=2, render_seed=1, log=lambda _: None)
+    with open(os.path.join(run_dir, evaluate.EVAL_FILE)) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    assert np.asarray(result["greedy"]["returns"]).shape == (2, 2)
+    assert result["greedy"]["mean_length"] == result["sampled"]["mean_length"] == 200  # the time limit
+    assert np.all(np.asarray(result["sampled"]["returns"]) < 0)  # Pendulum's rewards are <= 0
+    with Image.open(os.path.join(run_dir, evaluate.GIF_FILE)) as gif:
+        assert gif.n_frames == result["gif"]["frames"] == 200 and result["gif"]["seed"] == 1
 
 
 def _replace_obs_stats(state, stats):
