@@ -85,8 +85,9 @@ def _decode(value: Any, template: Any, types: dict[str, type], path: str) -> Any
 def config_from_dict(saved: dict[str, Any]) -> control.ControlConfig:
     """The `ControlConfig` that `runs.config_to_dict` saved as `saved` (config.json of a control run).
 
-    Nested parts are rebuilt from their "type" names (`PART_MODULES`), lists become tuples; the result is
-    checked to save back to exactly `saved`."""
+    Nested parts are rebuilt from their "type" names (`PART_MODULES`), lists become tuples, fields that
+    `saved` lacks (added to ControlConfig later) keep their defaults; the result is checked to save back
+    to exactly `saved`."""
     if not isinstance(saved, dict) or "algo" not in saved or "env" not in saved:
         raise validate.ConfigError("not the config of an experiments.control run (no algo or env)")
     template = control.default_config(saved["algo"], saved["env"])
@@ -96,8 +97,9 @@ def config_from_dict(saved: dict[str, Any]) -> control.ControlConfig:
         raise validate.ConfigError(f"the saved config has fields that ControlConfig lacks: {unknown}")
     types = _part_types()
     fields = {k: _decode(v, getattr(template, k), types, k) for k, v in saved.items()}
-    config = dataclasses.replace(template, **fields)
-    if runs.config_to_dict(config) != json.loads(json.dumps(saved)):
+    config = dataclasses.replace(template, **fields)  # fields added since the run keep their defaults
+    rebuilt = runs.config_to_dict(config)
+    if {k: rebuilt.get(k) for k in saved} != json.loads(json.dumps(saved)):
         raise validate.ConfigError("the saved config could not be rebuilt exactly (another version?)")
     return config
 

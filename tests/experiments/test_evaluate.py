@@ -135,3 +135,11 @@ def _replace_obs_stats(state, stats):
     if isinstance(state, control_envs.NormalizeObservationState):
         return state.replace(obs_stats=stats)
     return state.replace(env_state=_replace_obs_stats(state.env_state, stats))
+
+
+def test_a_config_saved_before_a_field_was_added_is_rebuilt_with_its_default():
+    saved = runs.config_to_dict(control.default_config("ppo"))
+    del saved["rollout_unroll"]
+    assert evaluate.config_from_dict(saved) == control.default_config("ppo")
+    with pytest.raises(validate.ConfigError, match="hidden_sizes"):  # the config's own checks run
+        evaluate.config_from_dict({**saved, "hidden_sizes": [64, "x"]})
