@@ -15,6 +15,7 @@ NOTEBOOKS = [
     "notebooks/01_pathologies.ipynb",
     "notebooks/02_classic_control.ipynb",
     "notebooks/03_grpo_family.ipynb",
+    "notebooks/04_rlhf.ipynb",
 ]
 
 
