@@ -25,7 +25,7 @@ import jax
 from flax import struct
 
 from envs import control as control_envs
-from polygrad import losses, optim, validate
+from polygrad import losses, optim, sharding, validate
 from polygrad.control import learners, networks, rollout, trpo
 from polygrad.trust_region import TrustRegionConfig
 
@@ -80,6 +80,9 @@ class ControlConfig:
     """advantage estimator, discount and GAE lambda."""
     learner: Any = learners.MinibatchEpochs()
     """minibatch epochs (reinforce, a2c, ppo, ppo_kl) or a trust-region step (trpo, npg)."""
+    mesh: runs.MeshConfig = runs.MeshConfig()
+    """device mesh: seeds x data devices, the environments of each seed split over data (default: all
+    devices on data, or the most of them that divide num_envs). Never saved: a run resumes on any mesh."""
     run_dir: str | None = None
     """run folder; default runs/control/<algo>-<env>-<hash of the config>. Never saved in the config."""
 
@@ -188,6 +191,18 @@ def make_env(config: ControlConfig):
     )
 
 
+def env_data_axes(config: ControlConfig) -> tuple[Any, Any]:
+    """`(obs, env_state)` pytrees of 0 (the leaf's leading axis is the environment batch, split over the
+    mesh's data axis) or None (shared by the batch: normalisation statistics, replicated), found by
+    comparing the shapes of two batch sizes."""
+    key = jax.random.PRNGKey(0)
+    one = jax.eval_shape(make_env(config).reset, key)
+    wider = dataclasses.replace(config, num_envs=config.num_envs + 1,
+                                total_steps=config.total_steps + config.num_steps)
+    other = jax.eval_shape(make_env(wider).reset, key)
+    return jax.tree.map(lambda a, b: 0 if a.shape[:1] != b.shape[:1] else None, one, other)
+
+
 def make_network(config: ControlConfig, env) -> networks.ActorCritic:
     return networks.ActorCritic(
         action_dim=env.action_dim, discrete=env.discrete, hidden_sizes=tuple(config.hidden_sizes),
@@ -236,6 +251,7 @@ def make_program(config: ControlConfig) -> runs.Program:
             lambda o: network.apply(params, o, method=networks.ActorCritic.value),
             env.step, carry.env_state, carry.obs, rollout_key, config.num_steps, config.rollout_unroll,
         )
+        traj = sharding.constrain(traj, batch_axis=1)  # [T, B]: each device keeps its environments
         learner_state, metrics = learner.update(carry.learner, traj, update_key)
         metrics = {
             "episode_return": control_envs.recent_episode_return(env_state),
@@ -244,7 +260,17 @@ def make_program(config: ControlConfig) -> runs.Program:
         }
         return TrainCarry(learner_state, env_state, obs, key), metrics
 
-    return runs.Program(init, update, config.num_updates, config.batch_size)
+    obs_axes, state_axes = env_data_axes(config)
+
+    def data_axes(carry):
+        return TrainCarry(jax.tree.map(lambda _: None, carry.learner), state_axes, obs_axes, None)
+
+    return runs.Program(init, update, config.num_updates, config.batch_size, data_axes=data_axes)
+
+
+def build_mesh(config: ControlConfig, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh | None:
+    """The run's device mesh (`runs.build_mesh` of `config.mesh` over the seeds and environments)."""
+    return runs.build_mesh(config.mesh, config.num_seeds, config.num_envs, devices)
 
 
 def make_train(config: ControlConfig) -> Callable[[jax.Array], tuple[TrainCarry, dict[str, jax.Array]]]:
@@ -259,11 +285,14 @@ def make_train(config: ControlConfig) -> Callable[[jax.Array], tuple[TrainCarry,
 def run(config: ControlConfig, log: Callable[[str], None] = print) -> runs.RunResult:
     """Train `config` in its run folder (resuming it if it holds a checkpoint of the same config)."""
     run_dir = config.run_dir or runs.default_run_dir("control", f"{config.algo}-{config.env}", config)
+    mesh = build_mesh(config)
     log(f"{config.algo} on {config.env}: {config.num_seeds} seeds x {config.num_updates} updates of "
-        f"{config.batch_size} steps, run folder {run_dir}")
+        f"{config.batch_size} steps, run folder {run_dir}"
+        + ("" if mesh is None else f", mesh {dict(mesh.shape)}"))
     return runs.run(
         make_program(config), config, run_dir, seed=config.seed, num_seeds=config.num_seeds,
         updates_per_chunk=config.updates_per_chunk, title=f"{config.algo} on {config.env}", log=log,
+        mesh=mesh,
     )
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from flax import struct
 
 from envs import text_tasks
-from polygrad import losses, optim, validate
+from polygrad import losses, optim, sharding, validate
 from polygrad.estimators import statistics
 from polygrad.lm import generation, sampling, shaping
 from polygrad.lm.transformer import TransformerLM, init_params
@@ -117,6 +117,9 @@ class LMConfig:
     """samples per held-out prompt in the final evaluation (pass@k)."""
     updates_per_chunk: int = 20
     """updates per jitted chunk: progress line, metrics and checkpoint after each chunk."""
+    mesh: runs.MeshConfig = runs.MeshConfig()
+    """device mesh: seeds x data devices, the prompt groups of each seed split over data (default: all
+    devices on data, or the most of them that divide num_prompts). Never saved: a run resumes on any mesh."""
     run_dir: str | None = None
     """run folder; default runs/lm/<algo>-<task>-<hash of the config>. Never saved in the config."""
     warm_start_dir: str | None = None
@@ -303,6 +306,8 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
         key, collect_key, epoch_key, eval_key = jax.random.split(carry.key, 4)
         params = carry.params
         groups, valid, stats = generation.collect(config.sampling, task, model, params, collect_key, **TOKENS)
+        # whole groups per device on the mesh's data axis (the identity on one device)
+        groups, valid = sharding.constrain((groups, valid), batch_axis=0)
         flat = jax.tree.map(lambda x: x.reshape((config.batch_size, *x.shape[2:])), groups)
         valid_rows = jnp.repeat(valid, config.group_size)
         mask = flat.mask * valid_rows[:, None]
@@ -315,6 +320,7 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
                  "ref_log_probs": ref.log_probs, "advantages": advantages, "mask": mask}
         if critic:
             batch.update(values=old.values, returns=value_targets)
+        batch = sharding.constrain(batch, batch_axis=0)
         new_params, opt_state, loss_metrics = optim.minibatch_epochs(
             loss_fn, tx, params, carry.opt_state, batch, epoch_key, config.num_epochs, config.num_minibatches)
 
@@ -370,6 +376,11 @@ def evaluate_seeds(config: LMConfig, params, ref_params, seed: int = 0) -> dict[
     return {k: [float(x) for x in np.asarray(v)] for k, v in out.items()}
 
 
+def build_mesh(config: LMConfig, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh | None:
+    """The run's device mesh (`runs.build_mesh` of `config.mesh` over the seeds and prompt groups)."""
+    return runs.build_mesh(config.mesh, config.num_seeds, config.num_prompts, devices)
+
+
 def train(config: LMConfig, run_dir: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Warm start (cached), RL in the run folder (resumable), final held-out evaluation (`eval.json`).
 
@@ -382,10 +393,13 @@ def train(config: LMConfig, run_dir: str | None = None, log: Callable[[str], Non
     warm_eval = {k: v[0] for k, v in evaluate_seeds(config, one, warm, config.seed).items()}
     log("warm start (reference policy) on held-out prompts: "
         + ", ".join(f"{k} {v:.3f}" for k, v in warm_eval.items()))
+    mesh = build_mesh(config)
+    if mesh is not None:
+        log(f"mesh {dict(mesh.shape)}")
     result = runs.run(
         make_program(config, warm), config, run_dir, seed=config.seed, num_seeds=config.num_seeds,
         updates_per_chunk=config.updates_per_chunk, curve_metric="eval_pass1_sampled",
-        title=f"{config.algo} on {config.task}", log=log)
+        title=f"{config.algo} on {config.task}", log=log, mesh=mesh)
     final = evaluate_seeds(config, result.carry.params, warm, config.seed)
     log("final on held-out prompts (mean over seeds): "
         + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in final.items()))

@@ -30,6 +30,7 @@ checkpoint, unless `stop_on_divergence=False`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -44,13 +45,13 @@ import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import experiments  # noqa: F401  (sets XLA's flags before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from polygrad import validate
+import experiments  # noqa: F401  (sets XLA's flags before JAX starts)
+from polygrad import sharding, validate
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -59,7 +60,9 @@ FIGURE_FILE = "learning_curve.png"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "lock"
 MAX_SEED = 2**32 - 1  # jax.random.PRNGKey takes 32 bits; larger seeds are refused, never wrapped
-NOT_SAVED = ("run_dir", "warm_start_dir")  # where a run lives is not part of what it is
+# where a run lives, and on which devices, is not part of what it is (results are mesh-invariant, so a
+# run folder resumes on another mesh)
+NOT_SAVED = ("run_dir", "warm_start_dir", "mesh")
 
 
 class Diverged(RuntimeError):
@@ -162,6 +165,51 @@ def main(run_fn: Callable[[], Any]) -> None:
         raise SystemExit(1) from None
 
 
+# --- the device mesh ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh of a run: `seeds` x `data` devices (`polygrad.sharding`). Never saved in the
+    config nor hashed: results do not depend on it (up to float reassociation), so a run folder
+    started on one mesh resumes on another."""
+
+    seeds: int = 1
+    """devices along the seeds axis (must divide num_seeds)."""
+    data: int = 0
+    """devices along the data axis, splitting the batch of each seed (environments, or prompt groups);
+    0: all the devices left over by seeds, or the most of them that divide the batch."""
+
+    def __post_init__(self):
+        validate.integer("mesh.seeds", self.seeds, minimum=1)
+        validate.integer("mesh.data", self.data, minimum=0)
+
+
+def build_mesh(config: MeshConfig, num_seeds: int, batch: int, devices: Sequence[Any] | None = None
+               ) -> jax.sharding.Mesh | None:
+    """The `(seeds, data)` mesh of `config` for `num_seeds` seeds of `batch` rows each (environments of
+    a control run, prompt groups of an LM run), or None when it is a single device (the program then
+    runs exactly as it always did). A shape that does not divide the work is a `ConfigError`."""
+    devices = list(jax.devices() if devices is None else devices)
+    seeds = config.seeds
+    validate.check(num_seeds % seeds == 0, f"mesh.seeds={seeds} does not divide num_seeds={num_seeds}")
+    if config.data:
+        data = config.data
+        validate.check(batch % data == 0, f"mesh.data={data} does not divide the batch of one seed ({batch})")
+    else:
+        data = max(d for d in range(1, max(len(devices) // seeds, 1) + 1) if batch % d == 0)
+    validate.check(seeds * data <= len(devices),
+                   f"a mesh of {seeds} x {data} devices needs {seeds * data}; {len(devices)} are available")
+    if seeds * data == 1:
+        return None
+    return sharding.make_mesh(seeds, data, devices)
+
+
+def mesh_context(mesh: jax.sharding.Mesh | None):
+    """`jax.set_mesh(mesh)`, or nothing without a mesh."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
     """One seed's training: `init(key) -> carry`, `update(carry) -> (carry, {name: scalar})`.
@@ -176,6 +224,10 @@ class Program:
     num_updates: int
     steps_per_update: int
     nan_metrics: tuple[str, ...] = ()
+    data_axes: Callable[[Any], Any] | None = None
+    """`carry (shapes of one seed) -> pytree of None | int`: the axis of each leaf split over the mesh's
+    `data` axis (the environment batch of the environment state), None for replicated leaves
+    (parameters, optimiser state, keys). None: everything replicated over `data`."""
 
 
 @dataclasses.dataclass
@@ -194,11 +246,12 @@ def seed_keys(seed: int, num_seeds: int) -> jax.Array:
     return jax.random.split(jax.random.PRNGKey(seed), num_seeds)
 
 
-def vmap_seeds(fn: Callable, in_axes: Any = 0) -> Callable:
+def vmap_seeds(fn: Callable, in_axes: Any = 0, spmd_axis_name: str | None = None) -> Callable:
     """`jax.vmap(fn, in_axes)`, except that a leading seed axis of size 1 is squeezed and `fn` runs
     unbatched: on XLA:CPU a size-1 vmap made PPO about 1.5x slower (batched matmuls of batch 1).
-    The results are the same arrays `[num_seeds, ...]` either way."""
-    batched = jax.vmap(fn, in_axes=in_axes)
+    The results are the same arrays `[num_seeds, ...]` either way. `spmd_axis_name` names the mesh axis
+    the seeds are split over (sharding constraints inside `fn` then keep it)."""
+    batched = jax.vmap(fn, in_axes=in_axes, spmd_axis_name=spmd_axis_name)
     axes = in_axes if isinstance(in_axes, tuple) else None
 
     def wrapped(*args):
@@ -214,12 +267,23 @@ def vmap_seeds(fn: Callable, in_axes: Any = 0) -> Callable:
     return wrapped
 
 
+def carry_shardings(program: Program, mesh: jax.sharding.Mesh) -> Any:
+    """The `NamedSharding` of every leaf of the carry of all seeds `[S, ...]` on `mesh`: seeds over
+    `seeds`, the leaves named by `program.data_axes` split over `data`, the rest replicated."""
+    shape = jax.eval_shape(program.init, jax.random.PRNGKey(0))
+    axes = program.data_axes(shape) if program.data_axes else jax.tree.map(lambda _: None, shape)
+    return sharding.carry_shardings(mesh, axes)
+
+
 @functools.lru_cache(maxsize=8)
-def make_chunk(program: Program, chunk_size: int) -> Callable[[Any, int], tuple[Any, dict[str, jax.Array]]]:
+def make_chunk(program: Program, chunk_size: int, mesh: jax.sharding.Mesh | None = None
+               ) -> Callable[[Any, int], tuple[Any, dict[str, jax.Array]]]:
     """A jitted function `(carry [S, ...], n) -> (carry, metrics {name: [S, chunk_size]})` that runs
     `n <= chunk_size` updates of every seed; only the first `n` metric columns are filled.
 
     `n` is a traced argument, so every chunk (including a shorter last one) reuses one compilation.
+    With a `mesh` the carry stays sharded as `carry_shardings` says (call it inside `mesh_context`):
+    the same program, partitioned by XLA over the devices.
     """
     carry_shape = jax.eval_shape(program.init, jax.random.PRNGKey(0))
     metric_shape = jax.eval_shape(lambda c: program.update(c)[1], carry_shape)
@@ -235,12 +299,39 @@ def make_chunk(program: Program, chunk_size: int) -> Callable[[Any, int], tuple[
 
         return jax.lax.fori_loop(0, n, body, (carry, buffer))
 
-    return jax.jit(vmap_seeds(chunk, in_axes=(0, None)), donate_argnums=0)
+    if mesh is None:
+        return jax.jit(vmap_seeds(chunk, in_axes=(0, None)), donate_argnums=0)
+    shardings = carry_shardings(program, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(vmap_seeds(chunk, in_axes=(0, None), spmd_axis_name=sharding.SEEDS), donate_argnums=0,
+                   out_shardings=(shardings, replicated))
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_init(program: Program):
     return jax.jit(vmap_seeds(program.init))
+
+
+@functools.lru_cache(maxsize=8)
+def _sequential_init(program: Program):
+    return jax.jit(lambda keys: jax.lax.map(program.init, keys))
+
+
+def init_carry(program: Program, keys: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """The initial carry of every seed `[S, ...]`. With a mesh, the seeds are initialised one after the
+    other (`lax.map`, so no LAPACK call is batched: a batched QR of the orthogonal initialiser deadlocks
+    XLA:CPU with several host devices, jax 0.10.2) on one device, outside the sharded program, then
+    placed on the mesh."""
+    if mesh is None:
+        return _jitted_init(program)(keys)
+    return place(program, _sequential_init(program)(keys), mesh)
+
+
+def place(program: Program, carry: Any, mesh: jax.sharding.Mesh | None) -> Any:
+    """`carry` (all seeds) laid out on `mesh` as `carry_shardings` says (unchanged without a mesh)."""
+    if mesh is None:
+        return carry
+    return jax.device_put(carry, carry_shardings(program, mesh))
 
 
 def whole_run(program: Program) -> Callable[[jax.Array], tuple[Any, dict[str, jax.Array]]]:
@@ -255,12 +346,18 @@ def whole_run(program: Program) -> Callable[[jax.Array], tuple[Any, dict[str, ja
     return run_one_seed
 
 
-def train(program: Program, keys: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+def train(program: Program, keys: jax.Array, mesh: jax.sharding.Mesh | None = None
+          ) -> tuple[Any, dict[str, jax.Array]]:
     """The whole run of every seed as one jitted call, without the run folder (tests, notebooks).
 
-    Returns the final carry and the metrics `{name: [num_seeds, num_updates]}`.
+    Returns the final carry and the metrics `{name: [num_seeds, num_updates]}`. With a `mesh`, the carry
+    is initialised outside the sharded program and the updates run sharded (`make_chunk`).
     """
-    return jax.jit(vmap_seeds(whole_run(program)))(keys)
+    if mesh is None:
+        return jax.jit(vmap_seeds(whole_run(program)))(keys)
+    with mesh_context(mesh):
+        carry = init_carry(program, keys, mesh)
+        return make_chunk(program, program.num_updates, mesh)(carry, program.num_updates)
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -559,6 +656,7 @@ def run(
     title: str = "",
     stop_on_divergence: bool = True,
     log: Callable[[str], None] = print,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> RunResult:
     """Train `num_seeds` seeds of `program` in `run_dir`, resuming from its checkpoint if there is one.
 
@@ -574,6 +672,8 @@ def run(
       stop_on_divergence: raise `Diverged` at the first non-finite metric or parameter (keeping the last
         good checkpoint); with False the run goes on and the summary records where it diverged.
       log: where progress lines go.
+      mesh: the `(seeds, data)` device mesh (`build_mesh`); None: one device. The checkpoint holds whole
+        arrays, so a run resumes on any mesh.
 
     Returns:
       `RunResult` with the final carry of all seeds and all metrics read back from the folder.
@@ -583,10 +683,12 @@ def run(
     config_dict = config_to_dict(config)
     digest = config_hash(config)
     lock = lock_run_dir(run_dir)
+    stack = contextlib.ExitStack()
     try:
         prepare_run_dir(run_dir, config_dict)
         start = time.perf_counter()
-        carry = _jitted_init(program)(keys)
+        stack.enter_context(mesh_context(mesh))  # sharding constraints inside the program see the mesh
+        carry = init_carry(program, keys, mesh)
         checkpoint = load_checkpoint(run_dir, carry)
         updates_done = 0
         if checkpoint is not None:
@@ -594,14 +696,14 @@ def run(
                 raise RunFolderError(
                     f"the checkpoint in {run_dir} was trained with another config (hash {checkpoint.config_hash}, "
                     f"now {digest}); config.json was edited? Restore it or use another run folder")
-            carry, updates_done = checkpoint.carry, checkpoint.updates_done
+            carry, updates_done = place(program, checkpoint.carry, mesh), checkpoint.updates_done
             log(f"resuming {run_dir} at update {updates_done}/{program.num_updates}")
         elif os.path.exists(os.path.join(run_dir, METRICS_FILE)) and _read_metric_lines(run_dir):
             raise RunFolderError(f"{run_dir} holds metrics but no checkpoint; delete the run folder to start "
                                  "again")
         rows = _truncate_metrics(run_dir, checkpoint, num_seeds)
         diverged = None
-        chunk = make_chunk(program, min(updates_per_chunk, program.num_updates))
+        chunk = make_chunk(program, min(updates_per_chunk, program.num_updates), mesh)
         while updates_done < program.num_updates:
             n = min(updates_per_chunk, program.num_updates - updates_done)
             chunk_start = time.perf_counter()
@@ -652,4 +754,5 @@ def run(
         log(f"done: {json.dumps(summary)}\nrun folder: {run_dir}")
         return RunResult(carry, all_metrics, env_steps)
     finally:
+        stack.close()
         lock.close()
