@@ -49,9 +49,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tyro
+from jax.experimental import multihost_utils
 
-import experiments  # noqa: F401  (sets XLA's flags before JAX starts)
-from polygrad import sharding, validate
+import experiments  # noqa: F401, I001  (sets XLA's flags before JAX starts)
+
+DISTRIBUTED_ENV = ("POLYGRAD_COORDINATOR", "POLYGRAD_NUM_PROCESSES", "POLYGRAD_PROCESS_ID")
+
+
+def initialize_distributed() -> bool:
+    """`jax.distributed.initialize` from the environment, before JAX starts its backends: with
+    `POLYGRAD_COORDINATOR=host:port`, `POLYGRAD_NUM_PROCESSES` and `POLYGRAD_PROCESS_ID` set, this process
+    joins a run of several processes (`jax.devices()` is then every process's devices and a mesh spans
+    them); `POLYGRAD_CPU_COLLECTIVES=gloo` selects XLA:CPU's collectives between processes. Called when
+    this module is imported (every experiment imports it first). Returns whether it initialised."""
+    if not os.environ.get(DISTRIBUTED_ENV[0]) or jax.distributed.is_initialized():
+        return False
+    missing = [name for name in DISTRIBUTED_ENV if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(f"{DISTRIBUTED_ENV[0]} is set but {', '.join(missing)} not")
+    if os.environ.get("POLYGRAD_CPU_COLLECTIVES"):
+        jax.config.update("jax_cpu_collectives_implementation", os.environ["POLYGRAD_CPU_COLLECTIVES"])
+    jax.distributed.initialize(os.environ[DISTRIBUTED_ENV[0]], int(os.environ[DISTRIBUTED_ENV[1]]),
+                               int(os.environ[DISTRIBUTED_ENV[2]]))
+    return True
+
+
+initialize_distributed()  # before polygrad's imports create arrays (which starts the backends)
+
+from polygrad import sharding, validate  # noqa: E402
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -328,10 +353,35 @@ def init_carry(program: Program, keys: jax.Array, mesh: jax.sharding.Mesh | None
 
 
 def place(program: Program, carry: Any, mesh: jax.sharding.Mesh | None) -> Any:
-    """`carry` (all seeds) laid out on `mesh` as `carry_shardings` says (unchanged without a mesh)."""
+    """`carry` (all seeds) laid out on `mesh` as `carry_shardings` says (unchanged without a mesh).
+    With several processes every process passes the same whole carry and keeps its own shards."""
     if mesh is None:
         return carry
+    if jax.process_count() > 1:
+        carry = jax.tree.map(np.asarray, carry)
     return jax.device_put(carry, carry_shardings(program, mesh))
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a whole numpy array on this host (gathered from the other processes if need be)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run folder: process 0 of a multi-process run (or the only one)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def whole_run(program: Program) -> Callable[[jax.Array], tuple[Any, dict[str, jax.Array]]]:
@@ -682,10 +732,15 @@ def run(
     keys = seed_keys(seed, num_seeds)
     config_dict = config_to_dict(config)
     digest = config_hash(config)
-    lock = lock_run_dir(run_dir)
+    writer, several = is_writer(), jax.process_count() > 1
+    if not writer:
+        log = lambda _: None  # noqa: E731  (process 0 reports)
+    lock = lock_run_dir(run_dir) if writer else None
     stack = contextlib.ExitStack()
     try:
-        prepare_run_dir(run_dir, config_dict)
+        if writer:
+            prepare_run_dir(run_dir, config_dict)
+        barrier("run folder prepared")
         start = time.perf_counter()
         stack.enter_context(mesh_context(mesh))  # sharding constraints inside the program see the mesh
         carry = init_carry(program, keys, mesh)
@@ -701,7 +756,7 @@ def run(
         elif os.path.exists(os.path.join(run_dir, METRICS_FILE)) and _read_metric_lines(run_dir):
             raise RunFolderError(f"{run_dir} holds metrics but no checkpoint; delete the run folder to start "
                                  "again")
-        rows = _truncate_metrics(run_dir, checkpoint, num_seeds)
+        rows = _truncate_metrics(run_dir, checkpoint, num_seeds) if writer else 0
         diverged = None
         chunk = make_chunk(program, min(updates_per_chunk, program.num_updates), mesh)
         while updates_done < program.num_updates:
@@ -709,7 +764,8 @@ def run(
             chunk_start = time.perf_counter()
             new_carry, metrics = chunk(carry, n)
             metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
-            bad = first_divergence(metrics, new_carry, program.nan_metrics)
+            host_carry = to_host(new_carry) if several else new_carry
+            bad = first_divergence(metrics, host_carry, program.nan_metrics)
             if bad is not None and diverged is None:
                 j, s, what = bad
                 diverged = {"update": updates_done + j + 1, "seed": s, "what": what}
@@ -719,9 +775,10 @@ def run(
                     raise Diverged(message)
                 log(f"warning: diverged at {message}; going on as asked")
             carry = new_carry
-            rows += _append_metrics(run_dir, metrics, updates_done, program.steps_per_update)
             updates_done += n
-            save_checkpoint(run_dir, carry, updates_done, digest, rows)
+            if writer:
+                rows += _append_metrics(run_dir, metrics, updates_done - n, program.steps_per_update)
+                save_checkpoint(run_dir, host_carry, updates_done, digest, rows)
             chunk_time = time.perf_counter() - chunk_start  # the first chunk includes compilation
             curve = metrics.get(curve_metric)
             shown = "" if curve is None else f"  {curve_metric} {np.nanmean(final_values(curve, 0.0)):9.2f}"
@@ -732,7 +789,10 @@ def run(
                 f"{n * program.steps_per_update * num_seeds / chunk_time:,.0f} steps/s over {num_seeds} seeds)"
             )
         elapsed = time.perf_counter() - start
+        barrier("run finished")
         env_steps, all_metrics = load_metrics(run_dir)
+        if not writer:
+            return RunResult(to_host(carry), all_metrics, env_steps)
         summary: dict[str, Any] = {
             "updates": program.num_updates,
             "env_steps_per_seed": program.num_updates * program.steps_per_update,
@@ -752,7 +812,8 @@ def run(
             )
         _atomic_write(os.path.join(run_dir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2), mode="w")
         log(f"done: {json.dumps(summary)}\nrun folder: {run_dir}")
-        return RunResult(carry, all_metrics, env_steps)
+        return RunResult(to_host(carry) if several else carry, all_metrics, env_steps)
     finally:
         stack.close()
-        lock.close()
+        if lock is not None:
+            lock.close()

@@ -232,11 +232,28 @@ def case_ppo_learns(run_dir: str) -> dict:
             "devices": jax.device_count()}
 
 
-CASES = {"presets": case_presets, "lm_loss": case_lm_loss, "ppo": case_ppo, "ppo_learns": case_ppo_learns}
+def case_processes(run_dir: str, data: str) -> dict:
+    """PPO CartPole (8 environments x 128 steps, 10 updates) in `run_dir` on a mesh of `data` devices on
+    the data axis, which spans every process of a `jax.distributed` run (see `runs.initialize_distributed`);
+    process 0 writes the run folder."""
+    from experiments import control
+
+    config = control.default_config("ppo", total_steps=8 * 128 * 10, num_envs=8, num_steps=128, num_seeds=1,
+                                    updates_per_chunk=5, mesh=runs.MeshConfig(data=int(data)),
+                                    run_dir=run_dir)
+    result = control.run(config, log=lambda _: None)
+    final_return = float(np.nanmean(result.metrics["episode_return"][:, -1]))
+    return {"process": jax.process_index(), "processes": jax.process_count(),
+            "local_devices": jax.local_device_count(), "global_devices": jax.device_count(),
+            "writer": runs.is_writer(), "final_return": final_return}
+
+
+CASES = {"presets": case_presets, "lm_loss": case_lm_loss, "ppo": case_ppo, "ppo_learns": case_ppo_learns,
+         "processes": case_processes}
 
 
 if __name__ == "__main__":
     case = sys.argv[1]
     args = sys.argv[2:]
     result = CASES[case](*args)
-    print(json.dumps({"devices": jax.device_count(), "pid": os.getpid(), **result}))
+    print(json.dumps({"devices": jax.device_count(), "pid": os.getpid(), **result}), flush=True)

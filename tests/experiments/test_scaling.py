@@ -8,9 +8,11 @@ fails the test instead of stalling the suite.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import control, lm, runs
@@ -94,3 +96,52 @@ def test_sharded_ppo_learns(tmp_path):
     """2 seeds x 4 data devices: CartPole returns rise well above a random policy's (about 20)."""
     result = run_worker("ppo_learns", str(tmp_path / "run"), timeout=900)
     assert result["last"] > 100 and result["last"] > 2 * result["first"], result
+
+
+def free_port() -> int | None:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    except OSError:
+        return None
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """Two local processes x 4 host devices (gloo collectives), one mesh of 8 devices over both: process 0
+    writes the run folder, and the final training state equals a one-process, one-device run's."""
+    port = free_port()
+    if port is None:
+        pytest.skip("cannot open a local port for the jax.distributed coordinator")
+    base = dict(os.environ, JAX_PLATFORMS="cpu", POLYGRAD_COORDINATOR=f"127.0.0.1:{port}",
+                POLYGRAD_NUM_PROCESSES="2", POLYGRAD_CPU_COLLECTIVES="gloo",
+                XLA_FLAGS=FLAGS.replace("count=8", "count=4"))
+    two = str(tmp_path / "two")
+    command = [sys.executable, "-m", "tests.experiments.scaling_worker", "processes", two, "8"]
+    procs = [subprocess.Popen(command, cwd=ROOT, env=dict(base, POLYGRAD_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, err[-3000:]
+            outputs.append(json.loads(out.strip().splitlines()[-1]))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two-process run did not finish in 900 s (hang?)")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [o["process"] for o in outputs] == [0, 1] and [o["writer"] for o in outputs] == [True, False]
+    assert all(o["global_devices"] == 8 and o["local_devices"] == 4 for o in outputs)
+    one = str(tmp_path / "one")
+    single = run_worker("processes", one, "1", timeout=900)
+    assert single["processes"] == 1
+    with np.load(os.path.join(two, runs.CHECKPOINT_FILE)) as a, \
+            np.load(os.path.join(one, runs.CHECKPOINT_FILE)) as b:
+        assert int(a["updates_done"]) == int(b["updates_done"]) == 10
+        for name in sorted(k for k in a.files if k.startswith("leaf_")):
+            x, y = a[name].astype(np.float64), b[name].astype(np.float64)
+            assert np.max(np.abs(x - y)) <= 1e-5 * max(np.max(np.abs(y)), 1e-30), name
+    assert outputs[0]["final_return"] == single["final_return"]
