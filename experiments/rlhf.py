@@ -150,7 +150,9 @@ class RLHFConfig:
     eval_samples: int = 4
     """samples per evaluation prompt."""
     smooth: int = 5
-    """moving-average window of the RL trajectories in the figure."""
+    """moving-average window (updates) of the RL trajectories in the figure and the peaks."""
+    curve_bin: float = 0.2
+    """width of the bins of d = sqrt(KL) over which an RL trajectory is averaged (figure and peaks)."""
     updates_per_chunk: int = 20
     """RL updates between progress lines and checkpoints."""
     run_dir: str | None = None
@@ -179,6 +181,7 @@ class RLHFConfig:
         validate.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
         validate.non_negative("grpo_kl_coef", self.grpo_kl_coef)
         validate.non_negative("scale_kl_coef", self.scale_kl_coef)
+        validate.positive("curve_bin", self.curve_bin)
         for method in self.methods:
             validate.one_of("methods", method, METHODS)
         validate.check("ppo" not in self.methods or len(self.ppo_kl_coefs) > 0,
@@ -776,19 +779,40 @@ def _smooth(x: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(np.pad(x, (window // 2, window - 1 - window // 2), mode="edge"), kernel, mode="valid")
 
 
-def _peak(trajectory: dict[str, np.ndarray], window: int) -> dict[str, float]:
-    gold, kl = _smooth(trajectory["gold"], window), _smooth(trajectory["kl"], window)
-    proxy = _smooth(trajectory["proxy"], window)
-    i = int(np.argmax(gold))
-    return {"peak_gold": float(gold[i]), "peak_d": float(np.sqrt(max(kl[i], 0.0))), "peak_update": i + 1,
-            "final_gold": float(gold[-1]), "final_proxy": float(proxy[-1]),
-            "final_d": float(np.sqrt(max(kl[-1], 0.0)))}
+def trajectory_curve(trajectory: dict[str, np.ndarray], window: int, bin_width: float
+                     ) -> dict[str, np.ndarray]:
+    """Gold and proxy reward against d of one RL run: the per-update batch estimates (gold, proxy, kl
+    ``[U]``) smoothed over ``window`` updates, then averaged over the updates whose smoothed
+    d = sqrt(KL) falls in the same bin of width ``bin_width`` (so a run that stalls at one distance gives
+    one point, not a scribble). Returns ``d``, ``gold``, ``proxy`` and ``updates`` (per bin), by
+    increasing d."""
+    d = np.sqrt(np.maximum(_smooth(trajectory["kl"], window), 0.0))
+    gold, proxy = _smooth(trajectory["gold"], window), _smooth(trajectory["proxy"], window)
+    bins = np.floor(d / bin_width).astype(int)
+    keys = np.unique(bins)
+    return {"d": np.asarray([d[bins == k].mean() for k in keys]),
+            "gold": np.asarray([gold[bins == k].mean() for k in keys]),
+            "proxy": np.asarray([proxy[bins == k].mean() for k in keys]),
+            "updates": np.asarray([np.sum(bins == k) for k in keys])}
+
+
+def _peak(trajectory: dict[str, np.ndarray], window: int, bin_width: float) -> dict[str, float]:
+    """Where the run's gold curve (`trajectory_curve`) peaks, and where the run ends (the last ``window``
+    updates)."""
+    curve = trajectory_curve(trajectory, window, bin_width)
+    i = int(np.argmax(curve["gold"]))
+    tail = slice(-window, None)
+    return {"peak_gold": float(curve["gold"][i]), "peak_proxy": float(curve["proxy"][i]),
+            "peak_d": float(curve["d"][i]), "final_gold": float(np.mean(trajectory["gold"][tail])),
+            "final_proxy": float(np.mean(trajectory["proxy"][tail])),
+            "final_d": float(np.sqrt(max(np.mean(trajectory["kl"][tail]), 0.0)))}
 
 
 def plot_overoptimisation(path: str, summary: dict[str, Any], trajectories: dict[str, dict[str, np.ndarray]],
-                          window: int) -> None:
+                          window: int, bin_width: float) -> None:
     """One figure, three panels: gold reward against d = sqrt(KL(pi || pi_SFT)) for best-of-n, every RL run
-    (smoothed per-update trajectories) and DPO (final evaluations); the proxy reward likewise; and the
+    (its per-update estimates along training, `trajectory_curve`; a circle: its final policy evaluated on
+    held-out prompts) and DPO (final evaluations); the proxy reward likewise; and the
     reward-model data study (best-of-n and PPO against reward models fit on different numbers of pairs).
     Rewards are standardised under the SFT policy (0 = SFT)."""
     import matplotlib
@@ -809,8 +833,8 @@ def plot_overoptimisation(path: str, summary: dict[str, Any], trajectories: dict
         for label, traj in trajectories.items():
             if traj["rm"] != main_label:
                 continue
-            d = np.sqrt(np.maximum(_smooth(traj["kl"], window), 0.0))
-            ax.plot(d, _smooth(traj[what], window), "-", color=colors[k % len(colors)], lw=1.5, label=label)
+            curve = trajectory_curve(traj, window, bin_width)
+            ax.plot(curve["d"], curve[what], "-", color=colors[k % len(colors)], lw=1.5, label=label)
             final = summary["methods"].get(label)
             if final is not None:
                 ax.plot(final["d"], final[what], "o", color=colors[k % len(colors)], ms=6, mec="k")
@@ -835,9 +859,9 @@ def plot_overoptimisation(path: str, summary: dict[str, Any], trajectories: dict
         traj = next((t for t in trajectories.values() if t["rm"] == rm["label"] and t.get("scale_run")), None)
         ax.plot([], [], "s", color=color, label=name)
         if traj is not None:
-            d = np.sqrt(np.maximum(_smooth(traj["kl"], window), 0.0))
-            ax.plot(d, _smooth(traj["gold"], window), "-", color=color, lw=1.8)
-            ax.plot(d, _smooth(traj["proxy"], window), "--", color=color, lw=1.0)
+            curve = trajectory_curve(traj, window, bin_width)
+            ax.plot(curve["d"], curve["gold"], "-", color=color, lw=1.8)
+            ax.plot(curve["d"], curve["proxy"], "--", color=color, lw=1.0)
         if bon is not None:
             ax.plot(bon["d"], bon["per_rm"][i]["gold"], "o:", color=color, ms=3, lw=1.0)
     for style, what in (("k-", "PPO gold"), ("k--", "PPO proxy (its own RM)"), ("ko:", "best-of-n gold")):
@@ -960,7 +984,7 @@ def run(config: RLHFConfig, log: Callable[[str], None] = print) -> dict[str, Any
             curve = bon["per_rm"][0]
             methods[f"bon_n{n}"] = {"gold": curve["gold"][j], "proxy": curve["proxy"][j], "kl": bon["kl"][j],
                                     "d": bon["d"][j]}
-    peaks = {label: {"rm": t["rm"], **_peak(t, c.smooth)} for label, t in trajectories.items()}
+    peaks = {label: {"rm": t["rm"], **_peak(t, c.smooth, c.curve_bin)} for label, t in trajectories.items()}
     if bon is not None:
         for i, rm in enumerate(rm_info):
             j = int(np.argmax(bon["per_rm"][i]["gold"]))
@@ -986,7 +1010,7 @@ def run(config: RLHFConfig, log: Callable[[str], None] = print) -> dict[str, Any
         "config": saved,
     }
     figure = os.path.join(run_dir, "rlhf_overoptimisation.png")
-    plot_overoptimisation(figure, summary, trajectories, c.smooth)
+    plot_overoptimisation(figure, summary, trajectories, c.smooth, c.curve_bin)
     _json_dump(os.path.join(run_dir, "summary.json"), summary)
     log(f"summary: {os.path.join(run_dir, 'summary.json')}\nfigure: {figure}\n"
         f"total {summary['wall_time_s']:.0f} s")

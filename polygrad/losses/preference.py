@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from polygrad import validate
+from polygrad.losses import parts
 
 
 def _bt_terms(margin: jax.Array, label_smoothing: float) -> jax.Array:
@@ -136,7 +137,9 @@ def kl_penalized_rewards(scores: jax.Array, logp: jax.Array, logp_ref: jax.Array
         r_t = -beta (log pi_old(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t))  +  [t = last token] r(x, y)
 
     so that sum_t r_t = r(x, y) - beta k1(y), k1 the sampled sequence log-ratio, an unbiased estimate of
-    KL(pi_old || pi_ref) for y ~ pi_old (003 eq. 87).
+    KL(pi_old || pi_ref) for y ~ pi_old (003 eq. 87). The per-token rewards are those of the loss
+    vocabulary, `parts.fold_kl_into_rewards(parts.outcome_token_rewards(scores, mask), ..., "k1")`; this
+    function adds the per-response KL that RLHF logs.
 
     Args:
       scores: ``[B]`` reward-model scores r(x, y).
@@ -151,17 +154,12 @@ def kl_penalized_rewards(scores: jax.Array, logp: jax.Array, logp_ref: jax.Array
     chex.assert_rank([scores, logp, logp_ref, mask], [1, 2, 2, 2])
     chex.assert_equal_shape([logp, logp_ref, mask])
     chex.assert_axis_dimension(scores, 0, logp.shape[0])
-    if isinstance(kl_coef, int | float):
-        validate.non_negative("kl_coef", kl_coef)
     dtype = logp.dtype
     mask = jnp.asarray(mask, dtype)
-    sg = jax.lax.stop_gradient
-    log_ratio = jnp.where(mask > 0, sg(logp) - sg(logp_ref), jnp.zeros((), dtype))
-    last = jnp.sum(mask, axis=1, keepdims=True) - 1
-    at_end = (jnp.arange(mask.shape[1])[None] == last) & (mask > 0)
-    paid = jnp.where(at_end, sg(scores)[:, None].astype(dtype), jnp.zeros((), dtype))
-    rewards = -kl_coef * log_ratio + paid
-    return rewards.astype(dtype), jnp.sum(log_ratio, axis=1)
+    outcome = parts.outcome_token_rewards(jnp.asarray(scores, dtype), mask)
+    rewards = parts.fold_kl_into_rewards(outcome, logp, logp_ref, mask, kl_coef, "k1")
+    log_ratio = jnp.where(mask > 0, jax.lax.stop_gradient(logp - logp_ref), jnp.zeros((), dtype))
+    return rewards, jnp.sum(log_ratio, axis=1)
 
 
 def best_of_n_kl(n: int | jax.Array) -> jax.Array:

@@ -18,13 +18,13 @@ from polygrad.lm import TransformerLM, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# A small study: noiseless labels, a 1-layer model, a few RL updates. About a minute on 2 quiet cores.
+# A small study: noiseless labels, a 1-layer model, a few PPO updates.
+# (GRPO and DPO run end to end in notebooks/04_rlhf.ipynb; their losses are tested in tests/polygrad.)
 SMALL = dict(d_model=32, num_layers=1, num_heads=2, corpus_size=3000, sft_steps=300, sft_batch_size=64,
-             num_pairs=1000, label_temperature=0.01, heldout_pairs=500, rm_epochs=4.0, rm_learning_rate=1e-3,
-             rm_data_scales=(), methods=("ppo", "dpo", "bon"), ppo_kl_coefs=(0.0,), num_updates=12,
-             rollout_batch=32, ppo_epochs=2, ppo_minibatches=2, learning_rate=5e-4, dpo_betas=(0.1,),
-             dpo_epochs=1.0, bon_prompts=16, bon_n_max=16, eval_prompts=32, eval_samples=2,
-             updates_per_chunk=6)
+             num_pairs=2000, label_temperature=0.01, heldout_pairs=500, rm_epochs=4.0, rm_learning_rate=3e-3,
+             rm_data_scales=(), methods=("ppo", "bon"), ppo_kl_coefs=(0.0,), num_updates=12,
+             rollout_batch=32, ppo_epochs=2, ppo_minibatches=2, learning_rate=5e-4, bon_prompts=16,
+             bon_n_max=16, eval_prompts=32, eval_samples=2, updates_per_chunk=6)
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -100,7 +100,7 @@ def test_small_study_end_to_end(small_study):
     np.testing.assert_allclose(bon["kl"], [math.log(n) - (n - 1) / n for n in bon["n"]], rtol=1e-6)
     assert abs(bon["per_rm"][0]["proxy"][0]) < 1e-5
     assert bon["per_rm"][0]["proxy"][-1] > bon["per_rm"][0]["proxy"][0]
-    assert set(summary["methods"]) >= {"sft", "ppo_kl0", "dpo_beta0.1", "bon_n1", "bon_n16"}
+    assert set(summary["methods"]) == {"sft", "ppo_kl0", "bon_n1", "bon_n2", "bon_n4", "bon_n8", "bon_n16"}
     with open(os.path.join(config.run_dir, "summary.json")) as f:
         assert json.load(f)["methods"]["sft"]["kl"] == summary["methods"]["sft"]["kl"]
     assert os.path.exists(os.path.join(config.run_dir, "rlhf_overoptimisation.png"))
@@ -113,7 +113,7 @@ def test_rerun_reuses_every_cached_stage(small_study):
     lines = []
     again = rlhf.run(config, log=lines.append)
     text = "\n".join(lines)
-    for stage in ("[sft] cached", "[pool] cached", "[preferences] cached", "pairs] cached", "[dpo] cached"):
+    for stage in ("[sft] cached", "[pool] cached", "[preferences] cached", "pairs] cached"):
         assert stage in text, text
     assert "resuming" in text  # the PPO run folder is complete: nothing is trained again
     assert again["methods"]["ppo_kl0"] == summary["methods"]["ppo_kl0"]
