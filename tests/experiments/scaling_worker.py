@@ -248,8 +248,29 @@ def case_processes(run_dir: str, data: str) -> dict:
             "writer": runs.is_writer(), "final_return": final_return}
 
 
-CASES = {"presets": case_presets, "lm_loss": case_lm_loss, "ppo": case_ppo, "ppo_learns": case_ppo_learns,
-         "processes": case_processes}
+def case_lm_run(run_dir: str) -> dict:
+    """Two RL updates of experiments.lm (GRPO on reverse, tiny warm start) in run folders on one device
+    and on 4 data devices (2 prompt groups each): the metrics of every update and the final parameters."""
+    from experiments import lm
+
+    out = {}
+    params = {}
+    for data in (1, 4):
+        config = lm.default_config("grpo", num_prompts=8, group_size=4, num_seeds=1, num_updates=2,
+                                   corpus_size=256, sft_steps=10, sft_batch_size=16, eval_prompts=4,
+                                   final_eval_prompts=8, pass_k=2, mesh=runs.MeshConfig(data=data),
+                                   warm_start_dir=os.path.join(run_dir, "warm"))
+        result = lm.train(config, os.path.join(run_dir, f"data{data}"), log=lambda _: None)
+        with np.load(os.path.join(run_dir, f"data{data}", runs.CHECKPOINT_FILE)) as f:
+            params[data] = [f[k] for k in sorted(f.files) if k.startswith("leaf_")]
+        for name in ("reward", "response_length", "sample_entropy", "loss"):
+            out[f"{name}_{data}"] = [float(x) for x in result["metrics"][name][0]]
+    out["params_rel_err"] = rel_err(params[1], params[4])
+    return out
+
+
+CASES = {"presets": case_presets, "lm_loss": case_lm_loss, "lm_run": case_lm_run, "ppo": case_ppo,
+         "ppo_learns": case_ppo_learns, "processes": case_processes}
 
 
 if __name__ == "__main__":
