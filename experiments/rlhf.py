@@ -96,7 +96,7 @@ class RLHFConfig:
     heldout_pairs: int = 1000
     """held-out pairs (on held-out prompts) for the reward-model accuracy."""
     rm_epochs: float = 4.0
-    """reward-model passes over its pairs (steps = ceil(epochs * pairs / batch))."""
+    """reward-model passes over its pairs (ceil(epochs * pairs / batch) steps, rounded up to 25s)."""
     rm_batch_size: int = 64
     """pairs per reward-model step."""
     rm_learning_rate: float = 5e-4
@@ -664,6 +664,11 @@ def rl_stage(ctx: Context, name: str, program: runs.Program, stage_config: dict[
              ) -> tuple[Any, dict[str, np.ndarray]]:
     """Run (or resume) an RL program in its own folder of the cache; returns the final carry (seed axis
     squeezed) and the metrics ``{name: [num_updates]}``."""
+    # the training state's structure is part of the key: a code change to it (an optimiser that keeps more
+    # state) starts a new folder instead of refusing the old checkpoint
+    state = jax.eval_shape(program.init, jax.random.PRNGKey(0))
+    leaves = [(x.shape, str(x.dtype)) for x in jax.tree.leaves(state)]
+    stage_config = {**stage_config, "state": _hash([str(jax.tree.structure(state)), leaves])}
     folder = os.path.join(ctx.cache, f"{name}-{_hash(stage_config)}")
     ctx.log(f"[{name}] {program.num_updates} updates in {folder}")
     result = runs.run(program, stage_config, folder, seed=ctx.config.seed, num_seeds=1,
@@ -957,7 +962,7 @@ def run(config: RLHFConfig, log: Callable[[str], None] = print) -> dict[str, Any
         carry, metrics = rl_stage(ctx, "grpo", program, stage_config, f"{label}/gold")
         policies[label] = carry.params
         trajectories[label] = {name: metrics[f"{label}/{name}"] for name in ("gold", "proxy", "kl")}
-        trajectories[label]["rm"] = rm_info[0]["label"]
+        trajectories[label].update(rm=rm_info[0]["label"], scale_run=False)
     if "dpo" in c.methods:
         dpo_params, _ = dpo_stage(ctx, sft, train)
         for i, beta in enumerate(c.dpo_betas):
@@ -992,7 +997,7 @@ def run(config: RLHFConfig, log: Callable[[str], None] = print) -> dict[str, Any
     data_study = []
     for rm in rm_info:
         scale_run = next((label for label, t in trajectories.items()
-                          if t["rm"] == rm["label"] and t["scale_run"]), None)
+                          if t["rm"] == rm["label"] and t.get("scale_run")), None)
         data_study.append({"pairs": rm["pairs"], "heldout_accuracy": rm["heldout_accuracy"],
                            "heldout_accuracy_gold_order": rm["heldout_accuracy_gold_order"],
                            "ppo_run": scale_run, "ppo": peaks.get(scale_run),
