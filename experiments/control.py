@@ -80,6 +80,8 @@ class ControlConfig:
     """advantage estimator, discount and GAE lambda."""
     learner: Any = learners.MinibatchEpochs()
     """minibatch epochs (reinforce, a2c, ppo, ppo_kl) or a trust-region step (trpo, npg)."""
+    tensorboard: bool = True
+    """write TensorBoard event files next to metrics.jsonl (--no-tensorboard: none). Never saved."""
     mesh: runs.MeshConfig = runs.MeshConfig()
     """device mesh: seeds x data devices, the environments of each seed split over data (default: all
     devices on data, or the most of them that divide num_envs). Never saved: a run resumes on any mesh."""
@@ -292,7 +294,7 @@ def run(config: ControlConfig, log: Callable[[str], None] = print) -> runs.RunRe
     return runs.run(
         make_program(config), config, run_dir, seed=config.seed, num_seeds=config.num_seeds,
         updates_per_chunk=config.updates_per_chunk, title=f"{config.algo} on {config.env}", log=log,
-        mesh=mesh,
+        mesh=mesh, tensorboard=config.tensorboard,
     )
 
 

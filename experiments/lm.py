@@ -117,6 +117,8 @@ class LMConfig:
     """samples per held-out prompt in the final evaluation (pass@k)."""
     updates_per_chunk: int = 20
     """updates per jitted chunk: progress line, metrics and checkpoint after each chunk."""
+    tensorboard: bool = True
+    """write TensorBoard event files next to metrics.jsonl (--no-tensorboard: none). Never saved."""
     mesh: runs.MeshConfig = runs.MeshConfig()
     """device mesh: seeds x data devices, the prompt groups of each seed split over data (default: all
     devices on data, or the most of them that divide num_prompts). Never saved: a run resumes on any mesh."""
@@ -399,7 +401,8 @@ def train(config: LMConfig, run_dir: str | None = None, log: Callable[[str], Non
     result = runs.run(
         make_program(config, warm), config, run_dir, seed=config.seed, num_seeds=config.num_seeds,
         updates_per_chunk=config.updates_per_chunk, curve_metric="eval_pass1_sampled",
-        title=f"{config.algo} on {config.task}", log=log, mesh=mesh)
+        title=f"{config.algo} on {config.task}", log=log, mesh=mesh,
+        tensorboard=config.tensorboard)
     final = evaluate_seeds(config, result.carry.params, warm, config.seed)
     log("final on held-out prompts (mean over seeds): "
         + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in final.items()))

@@ -87,7 +87,7 @@ LOCK_FILE = "lock"
 MAX_SEED = 2**32 - 1  # jax.random.PRNGKey takes 32 bits; larger seeds are refused, never wrapped
 # where a run lives, and on which devices, is not part of what it is (results are mesh-invariant, so a
 # run folder resumes on another mesh)
-NOT_SAVED = ("run_dir", "warm_start_dir", "mesh")
+NOT_SAVED = ("run_dir", "warm_start_dir", "mesh", "tensorboard")
 
 
 class Diverged(RuntimeError):
@@ -707,6 +707,7 @@ def run(
     stop_on_divergence: bool = True,
     log: Callable[[str], None] = print,
     mesh: jax.sharding.Mesh | None = None,
+    tensorboard: bool = False,
 ) -> RunResult:
     """Train `num_seeds` seeds of `program` in `run_dir`, resuming from its checkpoint if there is one.
 
@@ -778,6 +779,10 @@ def run(
             updates_done += n
             if writer:
                 rows += _append_metrics(run_dir, metrics, updates_done - n, program.steps_per_update)
+                if tensorboard:  # event files next to metrics.jsonl (experiments.tensorboard)
+                    from experiments import tensorboard as tensorboard_events
+
+                    tensorboard_events.write_scalars(run_dir, metrics, updates_done - n, program.steps_per_update)
                 save_checkpoint(run_dir, host_carry, updates_done, digest, rows)
             chunk_time = time.perf_counter() - chunk_start  # the first chunk includes compilation
             curve = metrics.get(curve_metric)

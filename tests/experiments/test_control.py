@@ -356,3 +356,15 @@ def test_learning_targets(algo, env, seeds, total, by, target, needed):
         expected = losses.adapt_kl_coef(config.loss.kl_old, coef[:, :-1], kl[:, :-1])
         np.testing.assert_allclose(coef[:, 1:], expected, rtol=1e-6)
         assert len(np.unique(coef)) > 2
+
+
+def test_tensorboard_event_files_hold_the_metrics(reference_run):
+    from experiments import tensorboard
+
+    events = tensorboard.read_scalars(reference_run)
+    env_steps, metrics = runs.load_metrics(reference_run)
+    assert sorted(events) == [0, 1]
+    for seed in (0, 1):
+        steps, values = zip(*events[seed]["loss"], strict=True)
+        np.testing.assert_array_equal(steps, env_steps)
+        np.testing.assert_allclose(values, metrics["loss"][seed], rtol=1e-6)
