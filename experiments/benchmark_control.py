@@ -10,9 +10,8 @@ the 16 minibatch gradient steps) separately. Timings on a shared 2-core machine 
 prints the load average, CPU time next to wall time, and the median over repeats.
 """
 
-import os
-
 import argparse
+import os
 import statistics
 import time
 

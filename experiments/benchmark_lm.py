@@ -15,10 +15,9 @@ Every timed function is compiled first; the figures are medians over `repeats` c
 2-core machine are noisy).
 """
 
-import os
-
 import dataclasses
 import json
+import os
 import time
 
 import jax

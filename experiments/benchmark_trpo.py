@@ -18,7 +18,6 @@ one jitted `lax.scan`), compile time excluded. Timings on a shared CPU are noisy
 one run of the script.
 """
 
-import os
 
 import dataclasses
 import statistics

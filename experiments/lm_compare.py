@@ -22,10 +22,9 @@ Runs go to `<out>/<claim>/<label>` (resumable `experiments.lm` run folders shari
 `<out>/warm`), figures to `<out>/<claim>.png`, and the numbers to `<out>/results.md`.
 """
 
-import os
-
 import dataclasses
 import json
+import os
 
 import numpy as np
 import tyro

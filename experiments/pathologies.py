@@ -16,10 +16,9 @@ and the spread of ordinary, per-decision and self-normalised IS estimates.
 The run folder gets summary.txt (the screen summary), numbers.json, config.json and four figures.
 """
 
-import os
-
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 

@@ -19,11 +19,18 @@ The README lists the whole public API, module by module.
 
 import sys
 
-from polygrad import estimators, losses, optim, tabular, trust_region, validate
+from polygrad import (
+    control,
+    estimators,
+    grpo,
+    lm,
+    losses,
+    optim,
+    tabular,
+    trust_region,
+    validate,
+)
 from polygrad.estimators import advantages, distributions, importance, returns, statistics
-from polygrad import grpo  # noqa: E402  (after losses, which it re-exports)
-
-from polygrad import control, lm  # noqa: E402
 
 # Module paths of the first layout keep working (`from polygrad.returns import gae`, `polygrad.sampling`).
 for _name in ("advantages", "distributions", "importance", "returns", "statistics"):

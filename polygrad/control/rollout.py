@@ -18,10 +18,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 from flax import struct
 
 from polygrad.estimators.distributions import Distribution
+
 
 @struct.dataclass
 class Trajectory:

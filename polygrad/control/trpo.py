@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from polygrad import losses, optim, trust_region, validate

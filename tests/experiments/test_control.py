@@ -6,7 +6,6 @@ each one's latest finished episode), averaged over a window of updates covering 
 steps, reaches R at some point within the first N steps. "At N steps" is that windowed mean at the end.
 """
 
-import dataclasses
 import json
 import math
 import os

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polygrad.estimators import distributions
 from polygrad.control.networks import ActorCritic
+from polygrad.estimators import distributions
 from polygrad.estimators.distributions import Categorical, DiagGaussian
 
 OBS = jax.random.normal(jax.random.PRNGKey(0), (5, 3))

@@ -12,8 +12,8 @@ import pytest
 from envs import control as control_envs
 from polygrad import returns
 from polygrad.control.networks import ActorCritic
-from polygrad.estimators.distributions import Categorical
 from polygrad.control.rollout import rollout
+from polygrad.estimators.distributions import Categorical
 
 # --- a counter environment: env 0 terminates after 3 steps, env 1 is truncated after 4 -----------
 
