@@ -55,8 +55,8 @@ from flax import traverse_util  # noqa: E402
 from envs import preferences, text_tasks  # noqa: E402
 from experiments import runs  # noqa: E402
 from polygrad import losses, optim, validate  # noqa: E402
-from polygrad.estimators import returns, statistics  # noqa: E402
-from polygrad.lm import sampling, supervised  # noqa: E402
+from polygrad.estimators import statistics  # noqa: E402
+from polygrad.lm import generation, sampling, supervised  # noqa: E402
 from polygrad.lm.transformer import TransformerLM, init_params  # noqa: E402
 from polygrad.losses import preference  # noqa: E402
 
@@ -553,19 +553,6 @@ def _batch_metrics(ctx: Context, scorer: Scorer, prompts, responses, mask, entro
     }
 
 
-def token_gae(token_rewards: jax.Array, values: jax.Array, mask: jax.Array, lam: float):
-    """GAE advantages and value targets ``[B, T]`` of per-token rewards inside each response (gamma = 1, the
-    trace cut after the last token; `polygrad.estimators.returns.gae` with a per-step discount), 0 on
-    padding."""
-    mask = jnp.asarray(mask, values.dtype)
-    values = values * mask
-    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
-    discounts = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    never = jnp.zeros(mask.shape, bool)
-    adv = returns.gae(token_rewards.T, values.T, next_values.T, never.T, never.T, discounts.T, lam).T * mask
-    return adv, (adv + values) * mask
-
-
 def ppo_program(ctx: Context, sft, scorer: Scorer, betas: list[float], rm_indices: list[int],
                 labels: list[str]) -> runs.Program:
     """Token-level PPO against frozen reward models, KL to the SFT model in the reward (InstructGPT eq. 2),
@@ -590,7 +577,7 @@ def ppo_program(ctx: Context, sft, scorer: Scorer, betas: list[float], rm_indice
         proxy = _proxy(ctx, scorer, rm_index, prompts, out.tokens, out.mask)
         token_rewards, kl = preference.kl_penalized_rewards(proxy, old.log_probs, ref.log_probs, out.mask,
                                                             beta)
-        advantages, targets = token_gae(token_rewards, old.values, out.mask, c.gae_lambda)
+        advantages, targets = generation.token_advantages(token_rewards, old.values, out.mask, c.gae_lambda)
         batch = (prompts, out.tokens, out.mask, old.log_probs, old.values, advantages, targets)
 
         def minibatch_loss(p, b):

@@ -142,15 +142,17 @@ def collect(config: SamplingConfig, task, model, params, key, *, eos_id: int, pa
 
 def token_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, lam: float
                      ) -> tuple[jax.Array, jax.Array]:
-    """Per-token GAE advantages and value targets `[B, T]` for a sequence reward `[B]` paid at the last
-    response token, with gamma = 1 inside a response and a discount of 0 after its last token
-    (`returns.gae` with a per-step discount; Ouyang et al. 2022, the token-level PPO of 003 section 5.1).
-    Padding gets 0."""
+    """Per-token GAE advantages and value targets `[B, T]`, with gamma = 1 inside a response and a discount
+    of 0 after its last token (`returns.gae` with a per-step discount; Ouyang et al. 2022, the token-level
+    PPO of 003 section 5.1). `rewards` is a sequence reward `[B]`, paid at the last response token, or
+    per-token rewards `[B, T]` (e.g. with a KL penalty folded in). Padding gets 0."""
     mask = jnp.asarray(mask, values.dtype)
-    last = jnp.sum(mask, axis=1, keepdims=True) - 1
-    at_end = jnp.arange(mask.shape[1])[None] == last
     values = values * mask
-    token_rewards = jnp.where(at_end, rewards[:, None], 0.0).astype(values.dtype)
+    if rewards.ndim == 1:
+        last = jnp.sum(mask, axis=1, keepdims=True) - 1
+        at_end = jnp.arange(mask.shape[1])[None] == last
+        rewards = jnp.where(at_end, rewards[:, None], 0.0)
+    token_rewards = jnp.asarray(rewards, values.dtype)
     next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
     discounts = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)  # 1 while the response goes on
     never = jnp.zeros(mask.shape, bool)
