@@ -43,10 +43,13 @@ print(json.dumps({"compile_s": compile_s, "run_s": run_s,
 """
 
 
-def measure(checkout: str, num_seeds: int) -> dict:
+def measure(checkout: str, num_seeds: int, code: str = TIMING, python: str = sys.executable) -> dict:
+    """Run the timing `code` with `num_seeds` in a fresh process of `python` in `checkout`: its last line."""
     env = {**os.environ, "PYTHONPATH": checkout}
-    proc = subprocess.run([sys.executable, "-c", TIMING, str(num_seeds)], cwd=checkout, env=env,
-                          capture_output=True, text=True, timeout=1200, check=True)
+    proc = subprocess.run([python, "-c", code, str(num_seeds)], cwd=checkout, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing in {checkout} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
