@@ -4,6 +4,8 @@
     python -m experiments.lm --algo dapo --dynamic-sampling --task scratchpad_sum --overlong soft
     python -m experiments.lm --algo gspo --loss.gate.eps-low 1e-3 --loss.gate.eps-high 1e-3
     python -m experiments.lm --algo cispo --loss.gate.eps-high 4
+    python -m experiments.lm --sampler-dtype bfloat16 --loss.correction tis:cap_max=2 opsm:delta=0.5
+    python -m experiments.lm --reference.kind ema --reference.every 4 --reference.alpha 0.6
     python -m experiments.lm --help                             # every field, the loss parts included
 
 The RLHF pipeline of 004 and 002 at toy scale, on a task of `envs.text_tasks`:
@@ -16,6 +18,13 @@ The RLHF pipeline of 004 and 002 at toy scale, on a task of `envs.text_tasks`:
    them; optionally resample until the batch holds `num_prompts` groups whose rewards differ (DAPO
    dynamic sampling); shape or mask truncated completions (DAPO's overlong handling); compute
    advantages; then `num_epochs` x `num_minibatches` Adam steps on the loss with the KL to pi_ref.
+
+Three policies (the rollout-trainer mismatch): a copy of pi_theta in `--sampler-dtype` (bfloat16: a
+low-precision rollout engine) samples, and its log-probs of the sampled tokens go to the loss as
+`logp_sampler`; `--loss.correction` adds TIS / MIS / OPSM parts (specs as in
+`losses.correction_from_spec`) that weigh tokens by pi_old / pi_sampler. pi_old and pi_ref each follow the
+policy as a `losses.ReferenceConfig` says (`--old-policy.*`, `--reference.*`: fixed, synced every k
+updates, or an EMA of past iterates).
 
 `--algo` names a preset of `polygrad.losses` (grpo, dr_grpo, dapo, gspo, sapo, cispo, rloo, ppo, ...)
 and `--loss.*` overrides any field of any of its parts. Advantages follow the loss: a group estimator
@@ -95,6 +104,19 @@ class LMConfig:
     """length of DAPO's soft-penalty interval before max_response_len."""
     gae_lambda: float = 0.95
     """GAE lambda of token-level advantages (losses with a value term, gamma = 1)."""
+    sampler_dtype: str = "float32"
+    """precision of the rollout engine: float32 (the trainer's), bfloat16 or float16 (a copy of the
+    parameters in that dtype samples, activations and KV cache included; the trainer stays float32). Its
+    log-probs of the sampled tokens are the loss's logp_sampler (the three-policy setup)."""
+    mismatch_band: tuple[float, float] = (0.5, 5.0)
+    """band of rho = pi_theta / pi_sampler per token; the fraction of tokens outside it is logged as
+    sampler_outside_band (default: IcePop's [0.5, 5])."""
+    old_policy: losses.ReferenceConfig = losses.ReferenceConfig("sync", every=1)
+    """pi_old of the ratio: sync every 1 update (the policy that sampled the batch), or sync every k, or
+    an EMA of past iterates (Hilton et al. 2021; pair with --loss.correction tis)."""
+    reference: losses.ReferenceConfig = losses.ReferenceConfig("fixed")
+    """pi_ref of the KL term: fixed (the warm start), sync every k updates, or an EMA (TRL's
+    sync_ref_model, ref_model_sync_steps, ref_model_mixup_alpha)."""
     d_model: int = 64
     """transformer width."""
     num_layers: int = 2
@@ -156,6 +178,16 @@ class LMConfig:
         validate.positive("sft_learning_rate", self.sft_learning_rate)
         validate.non_negative("max_grad_norm", self.max_grad_norm)
         validate.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        validate.one_of("sampler_dtype", self.sampler_dtype, sampling.SAMPLER_DTYPES)
+        validate.check(len(self.mismatch_band) == 2,
+                       f"mismatch_band is (low, high), got {self.mismatch_band!r}")
+        for bound in self.mismatch_band:
+            validate.positive("mismatch_band", bound)
+        validate.check(self.mismatch_band[0] < self.mismatch_band[1],
+                       f"mismatch_band needs low < high, got {self.mismatch_band!r}")
+        for name in ("old_policy", "reference"):
+            validate.check(isinstance(getattr(self, name), losses.ReferenceConfig),
+                           f"{name} must be a ReferenceConfig, got {getattr(self, name)!r}")
         validate.check(self.d_model % self.num_heads == 0, f"d_model {self.d_model} not divisible by num_heads")
         validate.integer("pass_k", self.pass_k, minimum=1)
         if self.overlong == "soft":
@@ -261,17 +293,31 @@ def _length_bucket_variances(log_ratio, mask, lengths, max_len: int) -> dict[str
 
 @struct.dataclass
 class LMCarry:
-    """One seed's training state: policy params (with value head), optimiser state, PRNG key."""
+    """One seed's training state: policy params (with value head), optimiser state, PRNG key, the params
+    of pi_old and pi_ref (`LMConfig.old_policy`, `LMConfig.reference`) and the number of updates done."""
 
     params: Any
     opt_state: Any
     key: jax.Array
+    old_params: Any
+    ref_params: Any
+    step: jax.Array
 
 
 def make_program(config: LMConfig, warm_params) -> runs.Program:
-    """One seed's RL from the warm start (also the frozen reference) as a `runs.Program`.
+    """One seed's RL from the warm start (the initial pi_ref) as a `runs.Program`.
 
-    Metrics per update: training reward and pass@1 on the batch, mean response length (of correct and of
+    Each update, pi_old and pi_ref follow the policy as `config.old_policy` and `config.reference` say
+    (`losses.update_reference`); a copy of the policy in `config.sampler_dtype` samples the batch, and its
+    log-probs of the sampled tokens go to the loss as `logp_sampler` (the rollout engine, the third policy
+    beside pi_old and pi_theta; `loss.correction` parts weigh the tokens with them).
+
+    Metrics per update: the rollout-trainer mismatch on the sampled tokens, with rho = pi_theta /
+    pi_sampler at the sampling params (`sampler_kl_k1` = mean log(pi_sampler / pi_theta), `sampler_kl_k3`
+    = mean(rho - 1 - log rho), both estimates of KL(pi_sampler || pi_theta); `sampler_outside_band`, the
+    fraction of tokens with rho outside `mismatch_band`; `sampler_abs_log_ratio`, mean |log rho|);
+    `kl_to_initial`, the k3 estimate of KL(pi_theta || pi_warm) on the batch; training reward and pass@1
+    on the batch, mean response length (of correct and of
     incorrect answers), truncation rate, sampling entropy, the fraction of zero-variance groups in the
     first round, effective prompts (groups with signal in the batch), sampling rounds, the loss metrics of
     `polygrad.losses` (clip fractions, ratio statistics, approx KL to pi_old, KL to pi_ref, entropy, ...),
@@ -280,9 +326,11 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
     """
     task, model, loss_config = config.make_task(), config.make_model(), config.loss
     tx = optim.make_optimizer(config.learning_rate, config.max_grad_norm or None)
-    ref_params = warm_params
     eval_prompts = task.sample_prompts(jax.random.PRNGKey(12345), max(config.eval_prompts, 1), "test")
     critic = loss_config.value_coef > 0
+    old_is_sampler = config.old_policy == losses.ReferenceConfig("sync", every=1)  # pi_old = params
+    ref_is_initial = config.reference.kind == "fixed"  # pi_ref = the warm start
+    band_low, band_high = config.mismatch_band
 
     def teacher_forced(params, prompts, tokens):
         return sampling.sequence_log_probs(model, params, prompts, tokens)
@@ -299,15 +347,20 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
         forced = teacher_forced(params, mb["prompts"], mb["tokens"])
         extra = dict(values=forced.values, values_old=mb["values"], returns=mb["returns"]) if critic else {}
         return losses.policy_loss(loss_config, forced.log_probs, mb["log_probs"], mb["advantages"], mb["mask"],
-                                  mb["ref_log_probs"], forced.entropies, **extra)
+                                  mb["ref_log_probs"], forced.entropies, logp_sampler=mb["sampler_log_probs"],
+                                  **extra)
 
     def init(key):
-        return LMCarry(warm_params, tx.init(warm_params), key)
+        return LMCarry(warm_params, tx.init(warm_params), key, warm_params, warm_params, jnp.int32(0))
 
     def update(carry: LMCarry):
         key, collect_key, epoch_key, eval_key = jax.random.split(carry.key, 4)
         params = carry.params
-        groups, valid, stats = generation.collect(config.sampling, task, model, params, collect_key, **TOKENS)
+        old_params = losses.update_reference(config.old_policy, carry.old_params, params, carry.step)
+        ref_params = losses.update_reference(config.reference, carry.ref_params, params, carry.step)
+        sampler_params = sampling.cast_params(params, config.sampler_dtype)
+        groups, valid, stats = generation.collect(config.sampling, task, model, sampler_params, collect_key,
+                                                  **TOKENS)
         # whole groups per device on the mesh's data axis (the identity on one device)
         groups, valid = sharding.constrain((groups, valid), batch_axis=0)
         flat = jax.tree.map(lambda x: x.reshape((config.batch_size, *x.shape[2:])), groups)
@@ -315,13 +368,16 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
         mask = flat.mask * valid_rows[:, None]
         if config.overlong == "mask":
             mask = shaping.mask_truncated(mask, flat.truncated)
-        old = teacher_forced(params, flat.prompts, flat.tokens)
-        ref = teacher_forced(ref_params, flat.prompts, flat.tokens)
-        advantages, value_targets = advantages_of(groups.reward, mask, old.values)
+        current = teacher_forced(params, flat.prompts, flat.tokens)
+        old = current if old_is_sampler else teacher_forced(old_params, flat.prompts, flat.tokens)
+        initial = teacher_forced(warm_params, flat.prompts, flat.tokens)
+        ref = initial if ref_is_initial else teacher_forced(ref_params, flat.prompts, flat.tokens)
+        advantages, value_targets = advantages_of(groups.reward, mask, current.values)
         batch = {"prompts": flat.prompts, "tokens": flat.tokens, "log_probs": old.log_probs,
-                 "ref_log_probs": ref.log_probs, "advantages": advantages, "mask": mask}
+                 "ref_log_probs": ref.log_probs, "sampler_log_probs": flat.log_probs,
+                 "advantages": advantages, "mask": mask}
         if critic:
-            batch.update(values=old.values, returns=value_targets)
+            batch.update(values=current.values, returns=value_targets)
         batch = sharding.constrain(batch, batch_axis=0)
         new_params, opt_state, loss_metrics = optim.minibatch_epochs(
             loss_fn, tx, params, carry.opt_state, batch, epoch_key, config.num_epochs, config.num_minibatches)
@@ -331,6 +387,17 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
         ratio_stats = _length_bucket_variances(log_ratio, mask, flat.lengths, task.max_response_len)
 
         response_mask = flat.mask * valid_rows[:, None]
+        active = response_mask > 0
+        log_rho = jnp.where(active, jnp.clip(current.log_probs - flat.log_probs, -20.0, 20.0), 0.0)
+        outside_band = (log_rho < np.log(band_low)) | (log_rho > np.log(band_high))
+        to_initial = jnp.where(active, initial.log_probs - current.log_probs, 0.0)
+        mismatch = {
+            "sampler_kl_k1": statistics.masked_mean(-log_rho, response_mask),
+            "sampler_kl_k3": statistics.masked_mean(jnp.expm1(log_rho) - log_rho, response_mask),
+            "sampler_outside_band": statistics.masked_mean(outside_band.astype(jnp.float32), response_mask),
+            "sampler_abs_log_ratio": statistics.masked_mean(jnp.abs(log_rho), response_mask),
+            "kl_to_initial": statistics.masked_mean(jnp.expm1(to_initial) - to_initial, response_mask),
+        }
         row = valid_rows.astype(jnp.float32)
         correct = flat.correct.astype(jnp.float32) * row
         wrong = (1.0 - flat.correct.astype(jnp.float32)) * row
@@ -346,6 +413,7 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
             **stats,
             **loss_metrics,
             **ratio_stats,
+            **mismatch,
         }
         if config.eval_prompts:
             ev_sampled = generation.generate_groups(task, model, params, eval_key, eval_prompts, 1, **TOKENS)
@@ -354,7 +422,7 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
             metrics["eval_pass1_sampled"] = jnp.mean(ev_sampled.correct.astype(jnp.float32))
             metrics["eval_pass1_greedy"] = jnp.mean(task.score(eval_prompts, ev_greedy.tokens).correct)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        return LMCarry(new_params, opt_state, key), metrics
+        return LMCarry(new_params, opt_state, key, old_params, ref_params, carry.step + 1), metrics
 
     return runs.Program(init, update, config.num_updates, config.batch_size)
 

@@ -104,6 +104,28 @@ def _check_temperature(temperature) -> float:
     return float(validate.non_negative("temperature", float(temperature)))
 
 
+SAMPLER_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+def params_dtype(params) -> jnp.dtype:
+    """The floating dtype of a parameter tree (its widest floating leaf; float32 if it has none)."""
+    dtypes = [x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.result_type(*dtypes) if dtypes else jnp.dtype(jnp.float32)
+
+
+def cast_params(params, dtype) -> object:
+    """A copy of ``params`` with every floating leaf cast to ``dtype`` (e.g. "bfloat16").
+
+    A sampler built from it runs its matmuls, attention and KV cache in ``dtype`` (flax layers follow
+    their parameters' dtype; LayerNorm reduces in float32): the low-precision rollout engine of the
+    rollout-trainer mismatch (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy
+    RL Training"; inference engines sample in bf16 while the trainer computes in fp32). Log-probabilities
+    are still read in float32 or wider from its logits (``_stats_dtype``).
+    """
+    validate.one_of("sampler dtype", str(jnp.dtype(dtype)), SAMPLER_DTYPES)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def sample(model: TransformerLM, params, key: jax.Array, prompts: jax.Array, max_new_tokens: int,
            temperature: float = 1.0, eos_id: int = 3, pad_id: int = 0, use_cache: bool = True) -> Completion:
     """Sample ``max_new_tokens`` tokens after each prompt ``[B, P]``, stopping each row at its first EOS.
@@ -144,7 +166,7 @@ def sample(model: TransformerLM, params, key: jax.Array, prompts: jax.Array, max
     keys = jax.random.split(key, max_new_tokens)
     done0 = jnp.zeros((batch,), bool)
     if use_cache:
-        prefill = model.apply(params, prompts, cache=model.init_cache(batch), start=0)
+        prefill = model.apply(params, prompts, cache=model.init_cache(batch, params_dtype(params)), start=0)
 
         def step(carry, inputs):
             cache, logits, done = carry

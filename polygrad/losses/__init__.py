@@ -9,6 +9,7 @@
     port = losses.from_trl(loss_type="grpo", beta=0.04)     # what TRL computes, as polygrad parts
 
 `parts.py`: ratios, gates, rollout-engine corrections, aggregations, KL terms and their placement.
+`reference.py`: how pi_old and pi_ref follow the policy (fixed, synced every k updates, EMA).
 `loss.py`: the assembly (`policy_loss`, `loss_terms`), the value loss, micro-batch-exact normalisation
 and `AdvantageConfig`. `presets.py`: every method's preset and the registry. `ports.py`: TRL's and verl's
 settings translated into parts.
@@ -30,6 +31,7 @@ from polygrad.losses.loss import (
 )
 from polygrad.losses.parts import (
     AGGREGATIONS,
+    CORRECTION_NAMES,
     CORRECTIONS,
     DRO,
     KL_ESTIMATORS,
@@ -61,6 +63,8 @@ from polygrad.losses.parts import (
     TokenSum,
     TruncatedIS,
     adapt_kl_coef,
+    correction_from_spec,
+    correction_spec,
     fold_kl_into_rewards,
     kl_abs,
     kl_k3_value_k2_gradient,
@@ -69,6 +73,7 @@ from polygrad.losses.parts import (
 )
 from polygrad.losses.ports import Port, from_trl, from_verl
 from polygrad.losses.presets import PRESETS, make_loss, register_preset, resolve
+from polygrad.losses.reference import REFERENCE_KINDS, ReferenceConfig, update_reference
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "CORRECTIONS", "DRO", "KL_ESTIMATORS", "KL_IS_CORRECTIONS", "METRIC_NAMES",
@@ -80,7 +85,8 @@ __all__ = [
     "TokenSum", "TruncatedIS", "adapt_kl_coef", "batch_normaliser", "clipped_value_loss",
     "fold_kl_into_rewards", "from_trl", "from_verl", "group_advantages", "grpo_loss", "kl_abs",
     "kl_k3_value_k2_gradient", "kl_penalty", "loss_terms", "make_loss", "outcome_token_rewards",
-    "policy_loss", "register_preset", "resolve",
+    "policy_loss", "register_preset", "resolve", "REFERENCE_KINDS", "ReferenceConfig", "update_reference",
+    "CORRECTION_NAMES", "correction_from_spec", "correction_spec",
 ]
 from polygrad.losses.preference import best_of_n_distribution, best_of_n_estimate, best_of_n_kl, bradley_terry_loss, dpo_implicit_reward, dpo_loss, kl_penalized_rewards  # noqa: E402,E501,I001
 __all__ += ["best_of_n_distribution", "best_of_n_estimate", "best_of_n_kl", "bradley_terry_loss", "dpo_implicit_reward", "dpo_loss", "kl_penalized_rewards"]  # noqa: E501

@@ -101,7 +101,8 @@ class LossConfig:
     """aggregation part or its name (see parts.AGGREGATIONS)."""
     correction: Any = ()
     """rollout-engine corrections (a part or a tuple of parts: TruncatedIS, MaskedIS,
-    OffPolicySequenceMask); their weights multiply the policy term. Used with `logp_sampler=`."""
+    OffPolicySequenceMask, or their specs, e.g. "tis:cap_max=2" "mis:low=0.5,high=5" "opsm:delta=0.5",
+    see parts.correction_from_spec); their weights multiply the policy term. Used with `logp_sampler=`."""
     kl_estimator: str = "k3"
     """estimator of KL(pi_theta || pi_ref) in the loss: k1, k2, k3, abs, or k1+, k3+, abs+ (value of the
     estimator, gradient of k2); see parts.KL_ESTIMATORS for what each gradient estimates."""
@@ -135,6 +136,7 @@ class LossConfig:
         correction = self.correction
         if not isinstance(correction, tuple | list):
             correction = (correction,)
+        correction = tuple(parts.correction_from_spec(p) if isinstance(p, str) else p for p in correction)
         for part in correction:
             if not callable(part):
                 validate.fail(f"correction must hold callable parts (TruncatedIS, MaskedIS), got {part!r}")

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -722,6 +722,58 @@ class OffPolicySequenceMask:
 
 
 CORRECTIONS = (TruncatedIS, MaskedIS, OffPolicySequenceMask)
+CORRECTION_NAMES = {"tis": TruncatedIS, "mis": MaskedIS, "opsm": OffPolicySequenceMask}
+
+
+def _spec_value(text: str) -> Any:
+    """A field value written in a correction spec: none, true / false, a number, or a word."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return float(lowered)
+    except ValueError:
+        return text.strip()
+
+
+def correction_from_spec(spec: str) -> Any:
+    """A correction part from a short spec, for command lines: `name` or `name:field=value,field=value`.
+
+    Names: `tis` (TruncatedIS), `mis` (MaskedIS), `opsm` (OffPolicySequenceMask), or the class names;
+    values: numbers, `none`, `true` / `false`, or words (`level=sequence`). Examples: `tis`,
+    `tis:level=sequence,cap_max=3`, `mis:low=0.5,high=5`, `opsm:delta=0.5`. An unknown name or field is a
+    `ConfigError` naming it; the part's own checks validate the values.
+    """
+    if not isinstance(spec, str):
+        validate.fail(f"a correction spec must be a string, got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    classes = {**CORRECTION_NAMES, **{c.__name__: c for c in CORRECTIONS}}
+    validate.one_of("correction", name, classes)
+    cls = classes[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            validate.fail(f"correction spec {spec!r}: {item!r} is not field=value")
+        if key not in fields:
+            validate.fail(f"correction spec {spec!r}: {cls.__name__} has no field {key!r} (fields: "
+                          f"{', '.join(sorted(fields))})")
+        kwargs[key] = _spec_value(value)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field left out (OffPolicySequenceMask's delta)
+        validate.fail(f"correction spec {spec!r}: {e}")
+
+
+def correction_spec(part: Any) -> str:
+    """The spec of a correction part (`correction_from_spec(correction_spec(p)) == p`)."""
+    short = {cls: name for name, cls in CORRECTION_NAMES.items()}
+    fields = ",".join(f"{f.name}={getattr(part, f.name)}" for f in dataclasses.fields(part))
+    return f"{short.get(type(part), type(part).__name__)}:{fields}"
 
 
 # --- aggregations -------------------------------------------------------------------------------
