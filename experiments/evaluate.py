@@ -3,7 +3,7 @@
     python -m experiments.evaluate RUN_DIR                      # 10 episodes per seed, greedy and sampled
     python -m experiments.evaluate RUN_DIR --episodes 100 --no-gif
 
-The run folder is one of `experiments.control` (config.json and checkpoint.npz). Its config is rebuilt
+The run folder is one of `experiments.control` (config.json and its checkpoint). Its config is rebuilt
 from config.json (`load_config`: part types by their saved names), the trained parameters (and the
 observation normaliser's statistics, if the run normalised observations) are read from the checkpoint,
 and every seed's policy plays `--episodes` fresh episodes greedily (the mode of its distribution) and
@@ -142,17 +142,32 @@ def _find_obs_stats(env_state: Any) -> control_envs.RunningMeanStd | None:
 def load_run(run_dir: str) -> TrainedRun:
     """Config, network, parameters `[S, ...]` and observation statistics of a control run folder.
 
-    The parameters are the first leaves of the checkpointed carry and the environment state comes just
-    before the observations and keys at its end, so a checkpoint whose optimiser state has another
-    layout (an older polygrad) still loads."""
+    The parameters and the environment state are read by their names in the checkpointed carry, so a
+    checkpoint whose optimiser state has another layout still loads (in the `checkpoint.npz` of an older
+    polygrad they are the first leaves and those just before the observations and keys at its end)."""
     config = load_config(run_dir)
     program = control.make_program(config)
     env = control.make_env(config)
     network = control.make_network(config, env)
     template = jax.eval_shape(runs.vmap_seeds(program.init), runs.seed_keys(config.seed, config.num_seeds))
-    path = os.path.join(run_dir, runs.CHECKPOINT_FILE)
-    if not os.path.exists(path):
-        raise runs.RunFolderError(f"{run_dir} has no {runs.CHECKPOINT_FILE}: nothing trained yet")
+    path = runs.latest_checkpoint(run_dir)
+    if path is None:
+        raise runs.RunFolderError(f"{run_dir} has no checkpoint: nothing trained yet")
+    if not path.endswith(".npz"):  # orbax: the parameters and the environment state by their names
+        arrays, meta = runs.checkpoint_arrays(run_dir)
+
+        def named(tree, prefix):
+            wanted = {f"{prefix}.{name}": leaf for name, leaf in runs.leaf_paths(tree).items()}
+            if any(k not in arrays or arrays[k].shape != x.shape or arrays[k].dtype != x.dtype
+                   for k, x in wanted.items()):
+                raise runs.RunFolderError(f"the checkpoint in {run_dir} does not match the network of its "
+                                          "config")
+            return jax.tree.unflatten(jax.tree.structure(tree), [jnp.asarray(arrays[k]) for k in wanted])
+
+        params = named(template.learner.params, "learner.params")
+        env_state = named(template.env_state, "env_state") if config.normalize_observations else None
+        return TrainedRun(config, network, params, _find_obs_stats(env_state), meta["updates_done"])
+    # a checkpoint.npz of an older polygrad: the leaves in order
     try:
         with np.load(path) as data:
             names = sorted(k for k in data.files if k.startswith("leaf_"))

@@ -13,8 +13,12 @@ A run folder holds:
     config.json       the experiment's config (part types included, never the folder itself); resuming a
                       folder with a different config is refused
     metrics.jsonl     one JSON line per update per seed: {"update", "seed", "env_steps", metric: value}
-    checkpoint.npz    the latest carry of all seeds, the number of updates done, the hash of the config
-                      that produced it and the number of metric rows written (written atomically)
+    checkpoint/<U>/   the orbax checkpoint after U updates (only the latest is kept): `state/` the carry of
+                      all seeds, each process of a multi-process run writing its own shards (no gather);
+                      `meta/` JSON {updates_done, metric_rows, config_hash}. Written synchronously to a
+                      temporary folder renamed when complete, so a kill leaves the previous one or this one.
+                      It restores onto whatever mesh and processes resume the run. (A `checkpoint.npz` of
+                      an older polygrad resumes too, and is replaced by an orbax checkpoint.)
     learning_curve.png  mean and min-max spread over seeds of the curve metric against env steps
     summary.json      final values per seed, wall time, and whether the run diverged
     lock              held (flock) by the process writing the folder; a second writer is refused
@@ -38,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -80,7 +85,8 @@ from polygrad import sharding, validate  # noqa: E402
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = "checkpoint.npz"
+CHECKPOINT_DIR = "checkpoint"  # orbax checkpoints, one folder per kept update count
+OLD_CHECKPOINT_FILE = "checkpoint.npz"  # the checkpoint of older polygrads: resumed, then replaced
 FIGURE_FILE = "learning_curve.png"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "lock"
@@ -496,12 +502,68 @@ def load_tree(path: str, template: Any) -> Any:
     return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
 
 
+def _orbax():
+    """orbax.checkpoint, imported when a checkpoint is first saved or read (it takes a while to import,
+    and a command line refused at parse time should not wait for it)."""
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _checkpointer():
+    """A synchronous orbax checkpointer of two items: `state` (the carry, every process writing its own
+    shards) and `meta` (JSON, written by process 0). It finalises a checkpoint by renaming its temporary
+    folder, and starts no thread that outlives a call."""
+    ocp = _orbax()
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(),
+                                                           meta=ocp.JsonCheckpointHandler()))
+
+
+def _checkpoint_steps(run_dir: str) -> list[tuple[int, str]]:
+    """`(updates_done, folder)` of every finalised orbax checkpoint in `run_dir`, oldest first (the
+    temporary folders of a save cut by a kill are not finalised and are left out)."""
+    folder = os.path.join(run_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return []
+    return sorted((int(name), os.path.join(folder, name)) for name in os.listdir(folder) if name.isdigit())
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The path of the checkpoint a resume would read: the latest finalised orbax checkpoint folder
+    (`checkpoint/<updates done>`), else an old `checkpoint.npz`, else None."""
+    steps = _checkpoint_steps(run_dir)
+    if steps:
+        return steps[-1][1]
+    old = os.path.join(run_dir, OLD_CHECKPOINT_FILE)
+    return old if os.path.exists(old) else None
+
+
 def save_checkpoint(run_dir: str, carry: Any, updates_done: int, config_digest: str = "",
                     metric_rows: int = 0) -> None:
-    """Save every leaf of `carry`, the update count, the hash of the config that produced it and the
-    number of metric rows written so far to `checkpoint.npz`, atomically."""
-    save_tree(os.path.join(run_dir, CHECKPOINT_FILE), carry, updates_done=np.int64(updates_done),
-              metric_rows=np.int64(metric_rows), config_hash=config_digest)
+    """Save `carry` (sharded or not), the update count, the hash of the config that produced it and the
+    number of metric rows written so far as the orbax checkpoint `checkpoint/<updates_done>`; then only
+    this one is kept (and an old `checkpoint.npz` is removed).
+
+    Every process of a multi-process run calls it: each writes its own shards, process 0 the metadata.
+    Synchronous: when it returns, the checkpoint is finalised (written to a temporary folder, then
+    renamed), so a kill at any moment leaves the previous checkpoint or this one, never half of one."""
+    ocp = _orbax()
+    folder = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{updates_done:09d}")
+    meta = {"updates_done": int(updates_done), "metric_rows": int(metric_rows), "config_hash": config_digest}
+    with _checkpointer() as checkpointer:
+        checkpointer.save(path, args=ocp.args.Composite(state=ocp.args.PyTreeSave(carry),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+    if is_writer():
+        for _, older in _checkpoint_steps(run_dir):
+            if older != path:
+                shutil.rmtree(older, ignore_errors=True)
+        for name in os.listdir(folder):  # folders of saves cut by a kill (no save is in flight now)
+            if not name.isdigit():
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, OLD_CHECKPOINT_FILE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,15 +572,104 @@ class Checkpoint:
     updates_done: int
     metric_rows: int
     config_hash: str
+    path: str = ""
+    """the orbax checkpoint folder or the old npz file it was read from."""
+
+
+def _unreadable(path: str, error: BaseException) -> RunFolderError:
+    what = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return RunFolderError(f"{path} is unreadable ({type(error).__name__}: {what}); delete it to restart this "
+                          "run from scratch, or restore it from a copy")
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def leaf_paths(tree: Any) -> dict[str, Any]:
+    """`{"learner.params.Dense_0.kernel": leaf}`: the leaves of a pytree (or of an orbax metadata tree,
+    whose dataclass nodes are dicts) by the names along their paths."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+
+
+def _target(x: Any) -> jax.ShapeDtypeStruct:
+    """What a leaf of the template restores to: its shape, dtype and sharding (one local device for a
+    template without sharding)."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def load_checkpoint(run_dir: str, template: Any) -> Checkpoint | None:
-    """The checkpoint saved in `run_dir` (carry in the structure of `template`), or None if there is none.
+    """The latest checkpoint saved in `run_dir`, or None if there is none.
 
-    An unreadable checkpoint, or one whose arrays do not match `template`, is a `RunFolderError`."""
-    path = os.path.join(run_dir, CHECKPOINT_FILE)
-    if not os.path.exists(path):
+    The carry comes back in the structure, shapes and dtypes of `template`, laid out as its leaves are
+    (arrays of the current mesh, as `init_carry` makes them: each process reads its own shards, whatever
+    mesh or number of processes wrote them), or on one device for a template of shapes
+    (`jax.eval_shape`). An old `checkpoint.npz` is read as before. An unreadable checkpoint, or one whose
+    arrays do not match `template`, is a `RunFolderError`."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
         return None
+    if path.endswith(".npz"):
+        return _load_npz_checkpoint(path, template)
+    ocp = _orbax()
+    try:
+        with _checkpointer() as checkpointer:
+            stored = leaf_paths(checkpointer.metadata(path).item_metadata["state"].tree)
+            expected = leaf_paths(template)
+            if stored.keys() != expected.keys() or any(
+                tuple(stored[k].shape) != tuple(x.shape) or np.dtype(stored[k].dtype) != np.dtype(x.dtype)
+                for k, x in expected.items()
+            ):
+                raise RunFolderError(f"the checkpoint in {run_dir} does not match this program's training "
+                                     "state")
+            target = jax.tree.map(_target, template)
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            restored = checkpointer.restore(path, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(target, restore_args=restore_args), meta=ocp.args.JsonRestore()))
+        meta = restored.meta
+        return Checkpoint(restored.state, int(meta["updates_done"]), int(meta["metric_rows"]),
+                          str(meta["config_hash"]), path)
+    except RunFolderError:
+        raise
+    except Exception as error:  # orbax and tensorstore raise many kinds; all mean the same here
+        raise _unreadable(path, error) from None
+
+
+def checkpoint_arrays(run_dir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The latest checkpoint of `run_dir` without a template, for inspection and tests: `({leaf path:
+    whole numpy array}, {"updates_done", "metric_rows", "config_hash"})` (leaf paths as `leaf_paths`
+    names them; `leaf_00000`... for an old npz)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise RunFolderError(f"{run_dir} holds no checkpoint")
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files if k.startswith("leaf_")}
+            meta = {"updates_done": int(data["updates_done"]), "config_hash": str(data["config_hash"]),
+                    "metric_rows": int(data["metric_rows"])}
+        return arrays, meta
+    ocp = _orbax()
+    try:
+        with _checkpointer() as checkpointer:
+            tree = checkpointer.metadata(path).item_metadata["state"].tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restored = checkpointer.restore(path, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(restore_args=restore_args), meta=ocp.args.JsonRestore()))
+    except Exception as error:  # as in load_checkpoint
+        raise _unreadable(path, error) from None
+    return {k: np.asarray(v) for k, v in leaf_paths(restored.state).items()}, dict(restored.meta)
+
+
+def _load_npz_checkpoint(path: str, template: Any) -> Checkpoint:
+    """A `checkpoint.npz` of an older polygrad (whole arrays, leaves in flattening order), laid out as the
+    leaves of `template` are."""
     template_leaves, treedef = jax.tree.flatten(template)
     try:
         with np.load(path) as data:
@@ -528,14 +679,15 @@ def load_checkpoint(run_dir: str, template: Any) -> Checkpoint | None:
             metric_rows = int(data["metric_rows"]) if "metric_rows" in data.files else -1
             digest = str(data["config_hash"]) if "config_hash" in data.files else ""
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        raise RunFolderError(f"{path} is unreadable ({type(error).__name__}: {error}); delete it to restart "
-                             "this run from scratch, or restore it from a copy") from None
+        raise _unreadable(path, error) from None
     if len(leaves) != len(template_leaves) or any(
         a.shape != b.shape or a.dtype != b.dtype for a, b in zip(leaves, template_leaves, strict=True)
     ):
-        raise RunFolderError(f"the checkpoint in {run_dir} does not match this program's training state")
-    carry = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
-    return Checkpoint(carry, updates_done, metric_rows, digest)
+        raise RunFolderError(f"the checkpoint in {os.path.dirname(path)} does not match this program's "
+                             "training state")
+    placed = [jax.device_put(x, t.sharding) if isinstance(t, jax.Array) else jnp.asarray(x)
+              for x, t in zip(leaves, template_leaves, strict=True)]
+    return Checkpoint(jax.tree.unflatten(treedef, placed), updates_done, metric_rows, digest, path)
 
 
 def _read_metric_lines(run_dir: str, repair: bool = False) -> list[dict[str, Any]]:
@@ -723,8 +875,8 @@ def run(
       stop_on_divergence: raise `Diverged` at the first non-finite metric or parameter (keeping the last
         good checkpoint); with False the run goes on and the summary records where it diverged.
       log: where progress lines go.
-      mesh: the `(seeds, data)` device mesh (`build_mesh`); None: one device. The checkpoint holds whole
-        arrays, so a run resumes on any mesh.
+      mesh: the `(seeds, data)` device mesh (`build_mesh`); None: one device. The checkpoint is restored
+        onto the current mesh, so a run resumes on any mesh and any number of processes.
 
     Returns:
       `RunResult` with the final carry of all seeds and all metrics read back from the folder.
@@ -752,12 +904,14 @@ def run(
                 raise RunFolderError(
                     f"the checkpoint in {run_dir} was trained with another config (hash {checkpoint.config_hash}, "
                     f"now {digest}); config.json was edited? Restore it or use another run folder")
-            carry, updates_done = place(program, checkpoint.carry, mesh), checkpoint.updates_done
+            carry, updates_done = checkpoint.carry, checkpoint.updates_done  # laid out as `carry` was
             log(f"resuming {run_dir} at update {updates_done}/{program.num_updates}")
         elif os.path.exists(os.path.join(run_dir, METRICS_FILE)) and _read_metric_lines(run_dir):
             raise RunFolderError(f"{run_dir} holds metrics but no checkpoint; delete the run folder to start "
                                  "again")
-        rows = _truncate_metrics(run_dir, checkpoint, num_seeds) if writer else 0
+        rows = _truncate_metrics(run_dir, checkpoint, num_seeds) if writer else updates_done * num_seeds
+        if checkpoint is not None and checkpoint.path.endswith(".npz"):  # an older polygrad's: now orbax
+            save_checkpoint(run_dir, carry, updates_done, digest, rows)
         diverged = None
         chunk = make_chunk(program, min(updates_per_chunk, program.num_updates), mesh)
         while updates_done < program.num_updates:
@@ -783,7 +937,9 @@ def run(
                     from experiments import tensorboard as tensorboard_events
 
                     tensorboard_events.write_scalars(run_dir, metrics, updates_done - n, program.steps_per_update)
-                save_checkpoint(run_dir, host_carry, updates_done, digest, rows)
+            else:
+                rows += n * num_seeds
+            save_checkpoint(run_dir, carry, updates_done, digest, rows)  # every process writes its shards
             chunk_time = time.perf_counter() - chunk_start  # the first chunk includes compilation
             curve = metrics.get(curve_metric)
             shown = "" if curve is None else f"  {curve_metric} {np.nanmean(final_values(curve, 0.0)):9.2f}"

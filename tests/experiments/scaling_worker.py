@@ -205,7 +205,10 @@ def case_ppo(run_dir: str) -> dict:
         control.run(dataclasses_replace(eight, run_dir=run_dir), log=log_then_kill)
     except Kill:
         pass
-    resumed = control.run(dataclasses_replace(config(data=2), run_dir=run_dir), log=lambda _: None)
+    lines = []
+    resumed = control.run(dataclasses_replace(config(data=2), run_dir=run_dir), log=lines.append)
+    out["resumed_at_5"] = any(line.startswith("resuming") and "update 5/10" in line for line in lines)
+    out["checkpoint"] = os.path.relpath(runs.latest_checkpoint(run_dir), run_dir)
     out["resumed_8_to_2_params"] = rel_err(reference.learner.params,
                                            jax.tree.map(np.asarray, resumed.carry.learner.params))
     out["resumed_8_to_2_returns"] = rel_err(np.nan_to_num(np.asarray(ref_metrics["episode_return"])),
@@ -232,20 +235,35 @@ def case_ppo_learns(run_dir: str) -> dict:
             "devices": jax.device_count()}
 
 
-def case_processes(run_dir: str, data: str) -> dict:
+def case_processes(run_dir: str, data: str, snapshot: str = "") -> dict:
     """PPO CartPole (8 environments x 128 steps, 10 updates) in `run_dir` on a mesh of `data` devices on
     the data axis, which spans every process of a `jax.distributed` run (see `runs.initialize_distributed`);
-    process 0 writes the run folder."""
+    process 0 writes the run folder. With `snapshot`, process 0 copies the run folder there as it stands
+    after its first checkpoint (update 5: every process has written its shards), to be resumed elsewhere."""
+    import shutil
+
     from experiments import control
 
+    if snapshot:
+        save = runs.save_checkpoint
+
+        def save_then_copy(folder, *args, **kwargs):
+            save(folder, *args, **kwargs)
+            if runs.is_writer() and not os.path.exists(snapshot):
+                shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns(runs.LOCK_FILE))
+
+        runs.save_checkpoint = save_then_copy
     config = control.default_config("ppo", total_steps=8 * 128 * 10, num_envs=8, num_steps=128, num_seeds=1,
                                     updates_per_chunk=5, mesh=runs.MeshConfig(data=int(data)),
                                     run_dir=run_dir)
-    result = control.run(config, log=lambda _: None)
+    lines = []
+    result = control.run(config, log=lines.append)
     final_return = float(np.nanmean(result.metrics["episode_return"][:, -1]))
     return {"process": jax.process_index(), "processes": jax.process_count(),
             "local_devices": jax.local_device_count(), "global_devices": jax.device_count(),
-            "writer": runs.is_writer(), "final_return": final_return}
+            "writer": runs.is_writer(), "final_return": final_return,
+            "resumed_at": next((int(line.rsplit("update ", 1)[1].split("/")[0]) for line in lines
+                                if line.startswith("resuming")), 0)}
 
 
 def case_lm_run(run_dir: str) -> dict:
@@ -261,8 +279,7 @@ def case_lm_run(run_dir: str) -> dict:
                                    final_eval_prompts=8, pass_k=2, mesh=runs.MeshConfig(data=data),
                                    warm_start_dir=os.path.join(run_dir, "warm"))
         result = lm.train(config, os.path.join(run_dir, f"data{data}"), log=lambda _: None)
-        with np.load(os.path.join(run_dir, f"data{data}", runs.CHECKPOINT_FILE)) as f:
-            params[data] = [f[k] for k in sorted(f.files) if k.startswith("leaf_")]
+        params[data] = list(runs.checkpoint_arrays(os.path.join(run_dir, f"data{data}"))[0].values())
         for name in ("reward", "response_length", "sample_entropy", "loss"):
             out[f"{name}_{data}"] = [float(x) for x in result["metrics"][name][0]]
     out["params_rel_err"] = rel_err(params[1], params[4])

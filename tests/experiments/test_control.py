@@ -118,8 +118,8 @@ TINY = ["--num-seeds", "2", "--num-envs", "2", "--num-steps", "32", "--learner.n
 
 
 def _read(run_dir):
-    with np.load(os.path.join(run_dir, runs.CHECKPOINT_FILE)) as data:
-        arrays = {k: data[k] for k in data.files}
+    arrays, meta = runs.checkpoint_arrays(run_dir)
+    arrays.update({k: np.asarray(v) for k, v in meta.items()})
     with open(os.path.join(run_dir, runs.METRICS_FILE)) as f:
         return arrays, f.read()
 
@@ -164,14 +164,13 @@ def test_killed_or_crashed_run_resumes_to_identical_parameters_and_metrics(refer
     # 1. Kill a separate process (SIGKILL, no clean-up) as soon as its first checkpoint exists.
     proc = subprocess.Popen([sys.executable, "-m", "experiments.control", *TINY, "--run-dir", killed], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = os.path.join(killed, runs.CHECKPOINT_FILE)
     deadline = time.time() + 300
-    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
+    while runs.latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with np.load(checkpoint) as data:
-        assert int(data["updates_done"]) < 12, "the run finished before it could be killed"
+    updates_done = runs.checkpoint_arrays(killed)[1]["updates_done"]
+    assert updates_done < 12, "the run finished before it could be killed"
     control.main([*TINY, "--run-dir", killed])  # the same command resumes
     _assert_same_run(reference_run, killed)
 
@@ -191,8 +190,19 @@ def test_killed_or_crashed_run_resumes_to_identical_parameters_and_metrics(refer
     with open(os.path.join(crashed, runs.METRICS_FILE)) as f:
         assert len(f.readlines()) == 6 * 2  # two chunks of metrics on disk, a checkpoint of one
     monkeypatch.setattr(runs, "save_checkpoint", save)
+    legacy = _copy(crashed, tmp_path, "legacy")
     control.main([*TINY, "--run-dir", crashed])
     _assert_same_run(reference_run, crashed)
+
+    # 3. A folder of an older polygrad, its checkpoint a checkpoint.npz: resumed, and replaced by orbax.
+    old = runs.load_checkpoint(legacy, _template(legacy))
+    assert old.updates_done == 3 and old.metric_rows == 3 * 2
+    shutil.rmtree(os.path.join(legacy, runs.CHECKPOINT_DIR))
+    runs.save_tree(os.path.join(legacy, runs.OLD_CHECKPOINT_FILE), old.carry, updates_done=old.updates_done,
+                   metric_rows=old.metric_rows, config_hash=old.config_hash)
+    control.main([*TINY, "--run-dir", legacy])
+    assert not os.path.exists(os.path.join(legacy, runs.OLD_CHECKPOINT_FILE))
+    _assert_same_run(reference_run, legacy)
 
 
 
@@ -203,7 +213,7 @@ def test_metrics_cut_at_the_end_are_repaired_and_corruption_elsewhere_is_refused
     path = os.path.join(cut, runs.METRICS_FILE)
     with open(path) as f:
         lines = f.readlines()
-    os.remove(os.path.join(cut, runs.CHECKPOINT_FILE))
+    shutil.rmtree(os.path.join(cut, runs.CHECKPOINT_DIR))
     runs.save_checkpoint(cut, runs.load_checkpoint(reference_run, _template(reference_run)).carry, 12,
                          runs.config_hash(control.parse_config(TINY)), len(lines))
     with open(path, "w") as f:
@@ -238,10 +248,14 @@ def _template(run_dir):
 
 def test_corrupted_files_edited_configs_and_locks_are_refused_with_a_message(reference_run, tmp_path, capsys):
     broken = _copy(reference_run, tmp_path, "broken")
-    with open(os.path.join(broken, runs.CHECKPOINT_FILE), "wb") as f:
-        f.write(b"not a zip file")
+    state = os.path.join(runs.latest_checkpoint(broken), "state")
+    for name in os.listdir(state):  # the orbax checkpoint's metadata and array index
+        if not os.path.isdir(os.path.join(state, name)):
+            with open(os.path.join(state, name), "wb") as f:
+                f.write(b"garbage")
     _refused(broken, "")
-    assert "checkpoint.npz is unreadable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "checkpoint/000000012 is unreadable" in err and "delete it to restart" in err, err
 
     bad_json = _copy(reference_run, tmp_path, "bad_json")
     with open(os.path.join(bad_json, runs.CONFIG_FILE), "w") as f:
@@ -294,7 +308,7 @@ def test_a_diverged_run_stops_with_the_update_seed_and_metric_and_keeps_the_last
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "diverged: update" in proc.stderr and "seed" in proc.stderr and "metric" in proc.stderr, proc.stderr
-    if os.path.exists(os.path.join(run_dir, runs.CHECKPOINT_FILE)):  # the last good one, all finite
+    if runs.latest_checkpoint(run_dir) is not None:  # the last good one, all finite
         arrays, _ = _read(run_dir)
         assert all(np.all(np.isfinite(v)) for v in arrays.values() if np.issubdtype(v.dtype, np.floating))
     # deliberately going on: the run finishes and its summary says where it diverged

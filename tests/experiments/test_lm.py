@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 
 import jax
 import numpy as np
@@ -115,7 +114,7 @@ def test_resume_gives_identical_results(tmp_path, compilation_cache):
 
     with pytest.raises(Interrupt):
         lm.train(config, str(tmp_path / "cut"), log=stop_after_first_chunk)
-    assert os.path.exists(tmp_path / "cut" / runs.CHECKPOINT_FILE)
+    assert runs.latest_checkpoint(str(tmp_path / "cut")) is not None
     lines = []
     resumed = lm.train(config, str(tmp_path / "cut"), log=lines.append)
     assert any("resuming" in line and "update 2/4" in line for line in lines)

@@ -82,9 +82,11 @@ def test_lm_loss_is_device_count_invariant():
 @pytest.mark.slow
 def test_ppo_one_device_equals_eight_and_resumes_on_another_mesh(tmp_path):
     """PPO CartPole, 8 environments x 128 steps, 10 updates: 8 devices give the one-device parameters to
-    1e-5 relative; a run interrupted on 8 devices and resumed on 2 ends with the same parameters."""
+    1e-5 relative; a run interrupted on 8 devices and resumed on 2 (its orbax checkpoint of update 5,
+    written sharded over 8 devices, restored onto the 2-device mesh) ends with the same parameters."""
     result = run_worker("ppo", str(tmp_path / "run"), timeout=900)
     assert result["one_device_mesh"] and result["mesh8"] == {"seeds": 1, "data": 8}
+    assert result["resumed_at_5"] and result["checkpoint"] == os.path.join(runs.CHECKPOINT_DIR, "000000010")
     assert result["env_state_sharded"] and result["param_replicated"]
     assert result["params_8"] <= 1e-5, result
     assert result["resumed_8_to_2_params"] <= 1e-5, result
@@ -110,15 +112,17 @@ def free_port() -> int | None:
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """Two local processes x 4 host devices (gloo collectives), one mesh of 8 devices over both: process 0
-    writes the run folder, and the final training state equals a one-process, one-device run's."""
+    writes the run folder, every process its shards of the orbax checkpoint. The folder as it stood after
+    update 5 resumes in one process on one device (the checkpoint of 2 processes restored onto 1), and
+    ends with the training state and returns of the uninterrupted two-process run."""
     port = free_port()
     if port is None:
         pytest.skip("cannot open a local port for the jax.distributed coordinator")
     base = dict(os.environ, JAX_PLATFORMS="cpu", POLYGRAD_COORDINATOR=f"127.0.0.1:{port}",
                 POLYGRAD_NUM_PROCESSES="2", POLYGRAD_CPU_COLLECTIVES="gloo",
                 XLA_FLAGS=FLAGS.replace("count=8", "count=4"))
-    two = str(tmp_path / "two")
-    command = [sys.executable, "-m", "tests.experiments.scaling_worker", "processes", two, "8"]
+    two, snapshot = str(tmp_path / "two"), str(tmp_path / "two_at_update_5")
+    command = [sys.executable, "-m", "tests.experiments.scaling_worker", "processes", two, "8", snapshot]
     procs = [subprocess.Popen(command, cwd=ROOT, env=dict(base, POLYGRAD_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = []
@@ -135,15 +139,15 @@ def test_two_processes_equal_one(tmp_path):
                 proc.kill()
     assert [o["process"] for o in outputs] == [0, 1] and [o["writer"] for o in outputs] == [True, False]
     assert all(o["global_devices"] == 8 and o["local_devices"] == 4 for o in outputs)
-    one = str(tmp_path / "one")
-    single = run_worker("processes", one, "1", timeout=900)
-    assert single["processes"] == 1
-    with np.load(os.path.join(two, runs.CHECKPOINT_FILE)) as a, \
-            np.load(os.path.join(one, runs.CHECKPOINT_FILE)) as b:
-        assert int(a["updates_done"]) == int(b["updates_done"]) == 10
-        for name in sorted(k for k in a.files if k.startswith("leaf_")):
-            x, y = a[name].astype(np.float64), b[name].astype(np.float64)
-            assert np.max(np.abs(x - y)) <= 1e-5 * max(np.max(np.abs(y)), 1e-30), name
+    assert all(o["resumed_at"] == 0 for o in outputs)
+    single = run_worker("processes", snapshot, "1", timeout=900)
+    assert single["processes"] == 1 and single["resumed_at"] == 5
+    (a, meta_a), (b, meta_b) = runs.checkpoint_arrays(two), runs.checkpoint_arrays(snapshot)
+    assert meta_a["updates_done"] == meta_b["updates_done"] == 10 and meta_a["metric_rows"] == 10
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        x, y = a[name].astype(np.float64), b[name].astype(np.float64)
+        assert np.max(np.abs(x - y)) <= 1e-5 * max(np.max(np.abs(y)), 1e-30), name
     assert outputs[0]["final_return"] == single["final_return"]
 
 
