@@ -1,8 +1,14 @@
-"""The GRPO-family claims, settled exactly on tabular sequence models (issue 13).
+"""The GRPO-family claims, settled exactly on tabular sequence models, then in sampled runs (issue 13).
 
-    python -m experiments.grpo_claims                       # runs/claims/ and docs/figures/claims_*.png
-    python -m experiments.grpo_claims --out /tmp/c --figures ""  --mc-groups 0
+    python -m experiments.grpo_claims                       # the whole study: exact part, then sampled part
+    python -m experiments.grpo_claims --part exact          # the exact part only (under a minute)
+    python -m experiments.grpo_claims --part sampled        # the sampled runs (experiments.claims_sampled)
+    python -m experiments.grpo_claims --out /tmp/c --figures "" --results "" --mc-groups 0
     python -m experiments.grpo_claims --help
+
+Outputs: runs/claims/ (numbers.json, summary.txt; sampled/summary.json, summary.txt), the figures
+docs/figures/claims_*.png and claims_sampled_*.png, and the sampled part's numbers
+docs/results/claims_sampled.json.
 
 Every number below is an exact expectation over all responses (and all groups of G responses) of a
 tabular softmax policy with one logit vector per prefix (`polygrad.tabular_sequences`), computed with
@@ -37,13 +43,14 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Literal  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
+from experiments import claims_sampled  # noqa: E402
 from polygrad import losses  # noqa: E402
 from polygrad import tabular_sequences as ts  # noqa: E402
 from polygrad.estimators import advantages as advantages_lib  # noqa: E402
@@ -64,10 +71,16 @@ EOS, A, B, C = 0, 1, 2, 3  # token ids: EOS and content tokens; "A" is the corre
 class ClaimsConfig:
     """Sizes of the exact studies (defaults: the numbers of docs/grpo_claims.md)."""
 
+    part: Literal["all", "exact", "sampled"] = "all"
+    """exact: the exact studies; sampled: the sampled runs (experiments.claims_sampled); all: both."""
     out: str = "runs/claims"
-    """run folder: numbers.json, summary.txt, config.json and the figures."""
+    """run folder: numbers.json, summary.txt, config.json and the figures (the sampled part in sampled/)."""
     figures: str = "docs/figures"
     """where the claims_*.png figures also go ("" for the run folder only)."""
+    results: str = "docs/results"
+    """where the sampled part's summary goes as claims_sampled.json ("" for the run folder only)."""
+    sampled: claims_sampled.SampledConfig = claims_sampled.SampledConfig()
+    """sizes of the sampled runs."""
     seed: int = 0
     """seed of the random logit tables (the KL and ratio studies) and of the Monte-Carlo check."""
     # 1. length bias
@@ -886,8 +899,27 @@ def run(config: ClaimsConfig, log=print) -> dict[str, Any]:
     return numbers
 
 
+def run_sampled(config: ClaimsConfig, log=print) -> dict[str, Any]:
+    """The sampled part (`experiments.claims_sampled`) into `<out>/sampled`, its figures into `figures`
+    and its summary into `<results>/claims_sampled.json`."""
+    import shutil
+
+    out = os.path.join(config.out, "sampled")
+    summary = claims_sampled.run(config.sampled, out, config.figures, log=log)
+    if config.results:
+        os.makedirs(config.results, exist_ok=True)
+        shutil.copy(os.path.join(out, "summary.json"), os.path.join(config.results, "claims_sampled.json"))
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return run(tyro.cli(ClaimsConfig, args=argv))
+    config = tyro.cli(ClaimsConfig, args=argv)
+    out: dict[str, Any] = {}
+    if config.part in ("all", "exact"):
+        out["exact"] = run(config)
+    if config.part in ("all", "sampled"):
+        out["sampled"] = run_sampled(config)
+    return out
 
 
 if __name__ == "__main__":
