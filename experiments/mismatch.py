@@ -1,6 +1,6 @@
 """The rollout-trainer mismatch at toy scale: a bfloat16 sampler, a float32 trainer, and the corrections.
 
-    python -m experiments.mismatch                      # 5 settings x 3 seeds (about 10 min on 2 CPU cores)
+    python -m experiments.mismatch                  # 6 settings x 3 seeds (about 15 min on 2 busy CPU cores)
     python -m experiments.mismatch --num-seeds 2 --num-updates 10
 
 Inference engines sample in low precision while the trainer computes in float32, so the policy that
@@ -14,7 +14,8 @@ log-probs of the sampled tokens go to the loss as `logp_sampler`, and each setti
 - `bf16, none`: the mismatch left uncorrected;
 - `bf16, TIS`: truncated importance sampling, weight min(pi_old / pi_sampler, 2) per token (Yao et al.);
 - `bf16, MIS`: masked IS (IcePop), tokens with pi_old / pi_sampler outside [0.5, 5] dropped;
-- `bf16, OPSM`: DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9), delta 1e-3.
+- `bf16, OPSM`: DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9), delta 1e-3;
+- `bf16, MIS [0.995, 1.005]`: a band tight enough to act on a bf16 mismatch of this size.
 
 Logged per update (`experiments.lm`): the mismatch on the sampled tokens (k3 estimate of
 KL(pi_sampler || pi_theta), mean |log rho|, the fraction outside [0.5, 5]), the fraction of tokens each
@@ -39,6 +40,8 @@ SETTINGS = {
     "bf16, TIS": {"sampler_dtype": "bfloat16", "loss.correction": ("tis:cap_max=2",)},
     "bf16, MIS": {"sampler_dtype": "bfloat16", "loss.correction": ("mis:low=0.5,high=5",)},
     "bf16, OPSM": {"sampler_dtype": "bfloat16", "loss.correction": ("opsm:delta=0.001",)},
+    "bf16, MIS [0.995, 1.005]": {"sampler_dtype": "bfloat16",
+                                 "loss.correction": ("mis:low=0.995,high=1.005",)},
 }
 
 # A small model and batch, so that the whole study fits in minutes on 2 CPU cores.

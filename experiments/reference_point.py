@@ -3,7 +3,7 @@
     python -m experiments.reference_point               # 3 settings x 3 seeds (a few minutes on 2 CPU cores)
     python -m experiments.reference_point --num-seeds 2 --num-updates 20
 
-GRPO on `reverse` with a strong KL penalty (k3, beta 0.2), one `experiments.lm` run per setting of
+GRPO on `reverse` with a strong KL penalty (k3, beta 1 by default), one `experiments.lm` run per setting of
 `LMConfig.reference` (`losses.ReferenceConfig`, TRL's `sync_ref_model` / `ref_model_sync_steps` /
 `ref_model_mixup_alpha`):
 
@@ -35,7 +35,6 @@ SETTINGS = {
     "sync every 5": losses.ReferenceConfig("sync", every=5),
     "EMA every 1, alpha 0.2": losses.ReferenceConfig("ema", every=1, alpha=0.2),
 }
-KL_COEF = 0.2
 
 CURVES = (("reward", "training reward"), ("kl_to_initial", "KL(pi_theta || pi_initial), k3"),
           ("kl_ref", "KL(pi_theta || pi_ref), the penalised term"))
@@ -45,6 +44,8 @@ CURVES = (("reward", "training reward"), ("kl_to_initial", "KL(pi_theta || pi_in
 class ReferenceStudyConfig(mismatch.MismatchConfig):
     """The study's size (as the mismatch study's) and where it writes."""
 
+    kl_coef: float = 1.0
+    """beta of the k3 KL penalty to pi_ref."""
     out: str = "runs/reference_point"
     """output folder (run folders, results.json, results.md)."""
     figure: str = "docs/figures/reference.png"
@@ -56,13 +57,13 @@ def setting_config(study: ReferenceStudyConfig, reference: losses.ReferenceConfi
     return lm.default_config("grpo", num_seeds=study.num_seeds, num_updates=study.num_updates,
                              updates_per_chunk=study.num_updates,
                              warm_start_dir=os.path.join(study.out, "warm"), reference=reference,
-                             **{"loss.kl_coef": KL_COEF}, **mismatch.COMMON)
+                             **{"loss.kl_coef": study.kl_coef}, **mismatch.COMMON)
 
 
 def main(study: ReferenceStudyConfig) -> dict:
     results, summary = {}, {}
     for label, reference in SETTINGS.items():
-        run_dir = os.path.join(study.out, mismatch.slug(label))
+        run_dir = os.path.join(study.out, f"beta{study.kl_coef:g}", mismatch.slug(label))
         print(f"--- {label}: {run_dir}")
         out = lm.train(setting_config(study, reference), run_dir)
         m = out["metrics"]
@@ -85,7 +86,7 @@ def main(study: ReferenceStudyConfig) -> dict:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     with open(os.path.join(study.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    title = f"Where the KL reference sits: GRPO on reverse, beta {KL_COEF} (mean and min-max over seeds)"
+    title = f"Where the KL reference sits: GRPO on reverse, beta {study.kl_coef:g} (mean, min-max over seeds)"
     mismatch.plot(results, study.figure, CURVES, title, log_panels=())
     print("\n".join(lines))
     return summary
