@@ -107,7 +107,8 @@ class LMConfig:
     sampler_dtype: str = "float32"
     """precision of the rollout engine: float32 (the trainer's), bfloat16 or float16 (a copy of the
     parameters in that dtype samples, activations and KV cache included; the trainer stays float32). Its
-    log-probs of the sampled tokens are the loss's logp_sampler (the three-policy setup)."""
+    log-probs of the sampled tokens are the loss's logp_sampler (the three-policy setup); at a temperature
+    other than 1 they are the tempered distribution's, so the mismatch includes the temperature."""
     mismatch_band: tuple[float, float] = (0.5, 5.0)
     """band of rho = pi_theta / pi_sampler per token; the fraction of tokens outside it is logged as
     sampler_outside_band (default: IcePop's [0.5, 5])."""

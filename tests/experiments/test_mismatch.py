@@ -87,20 +87,25 @@ def test_a_bad_command_line_is_one_line(argv, message, capsys):
 
 
 def test_a_tiny_bf16_sampler_run_from_the_command_line(tmp_path):
-    """Three updates of a tiny model sampled in bfloat16, with a tight MIS band and pi_ref synced to the
-    policy every update: the mismatch is measured, reaches the loss (its mismatch_kl, computed from
-    logp_sampler, equals the one measured in the update) and the correction acts on it."""
+    """Three updates of a tiny model sampled in bfloat16, with a tight MIS band, pi_ref synced to the
+    policy every update and pi_old an EMA of the iterates: the mismatch is measured, reaches the loss (at
+    the first update, where pi_old is the sampling policy, the loss's mismatch_kl, computed from
+    logp_sampler, equals the one measured in the update; later pi_old lags behind) and the correction
+    acts on it."""
     run_dir = str(tmp_path / "run")
     lm.main(["--task-knobs", json.dumps({"n_min": 2, "n_max": 3}), "--d-model", "16", "--num-layers", "1",
              "--num-heads", "2", "--corpus-size", "64", "--sft-steps", "0", "--num-prompts", "4",
              "--group-size", "2", "--num-epochs", "1", "--num-minibatches", "1", "--num-seeds", "1",
              "--num-updates", "3", "--updates-per-chunk", "3", "--eval-prompts", "0", "--final-eval-prompts",
              "2", "--pass-k", "1", "--no-tensorboard", "--sampler-dtype", "bfloat16", "--loss.correction",
-             "mis:low=0.999,high=1.001", "--reference.kind", "sync", "--run-dir", run_dir])
+             "mis:low=0.999,high=1.001", "--reference.kind", "sync", "--old-policy.kind", "ema",
+             "--old-policy.alpha", "0.5", "--run-dir", run_dir])
     _, metrics = runs.load_metrics(run_dir)
     assert os.path.exists(os.path.join(run_dir, "eval.json"))
     assert np.all(metrics["sampler_kl_k3"] > 0) and np.all(metrics["sampler_abs_log_ratio"] > 1e-4)
-    np.testing.assert_allclose(metrics["mismatch_kl"], metrics["sampler_kl_k1"], rtol=1e-4, atol=1e-7)
+    loss_view, update_view = metrics["mismatch_kl"], metrics["sampler_kl_k1"]
+    np.testing.assert_allclose(loss_view[:, 0], update_view[:, 0], rtol=1e-4, atol=1e-7)
+    assert np.all(np.abs(loss_view[:, 1:] - update_view[:, 1:]) > 1e-6)
     assert np.all(metrics["mismatch_outside_frac"] > 0)  # the correction saw rho != 1
     assert np.all(metrics["correction_weight_mean"] < 1)
     assert np.all(np.abs(metrics["kl_ref"]) < 1e-5)  # pi_ref = the policy at the start of each update
