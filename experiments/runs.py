@@ -778,10 +778,24 @@ def first_divergence(metrics: dict[str, np.ndarray], carry: Any, allowed_nan: Se
     for path, leaf in jax.tree_util.tree_leaves_with_path(carry):
         leaf = np.asarray(leaf)
         if np.issubdtype(leaf.dtype, np.floating) and not np.all(np.isfinite(leaf)):
-            s = int(np.nonzero(~np.isfinite(leaf.reshape(leaf.shape[0], -1)).any(axis=1))[0][0])
+            s = int(np.nonzero((~np.isfinite(leaf.reshape(leaf.shape[0], -1))).any(axis=1))[0][0])
             n = next(iter(metrics.values())).shape[1] if metrics else 1
             return (n - 1, s, f"training state {jax.tree_util.keystr(path)} is not finite")
     return None
+
+
+@jax.jit
+def _finite_per_seed(carry: Any) -> Any:
+    """Each floating leaf `[S, ...]` of the carry as `[S]`: 0 where that seed's values are all finite, NaN
+    where not (what `first_divergence` needs of the state, without gathering it from other processes)."""
+
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.zeros(x.shape[:1], jnp.int32)
+        finite = jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+        return jnp.where(finite, 0.0, jnp.nan).astype(jnp.float32)
+
+    return jax.tree.map(one, carry)
 
 
 def load_metrics(run_dir: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -919,8 +933,8 @@ def run(
             chunk_start = time.perf_counter()
             new_carry, metrics = chunk(carry, n)
             metrics = {k: np.asarray(v)[:, :n] for k, v in metrics.items()}
-            host_carry = to_host(new_carry) if several else new_carry
-            bad = first_divergence(metrics, host_carry, program.nan_metrics)
+            checked = to_host(_finite_per_seed(new_carry)) if several else new_carry  # no gather of the state
+            bad = first_divergence(metrics, checked, program.nan_metrics)
             if bad is not None and diverged is None:
                 j, s, what = bad
                 diverged = {"update": updates_done + j + 1, "seed": s, "what": what}

@@ -319,6 +319,19 @@ def test_a_diverged_run_stops_with_the_update_seed_and_metric_and_keeps_the_last
         assert json.load(f)["diverged"]["update"] >= 1
 
 
+def test_first_divergence_names_the_first_update_the_seed_and_what_and_needs_only_flags_per_seed():
+    carry = {"b": np.zeros((2, 3), np.int32), "w": np.array([[1.0, 2.0], [1.0, np.inf]], np.float32)}
+    metrics = {"loss": np.zeros((2, 3))}
+    assert runs.first_divergence(metrics, carry) == (2, 1, "training state ['w'] is not finite")
+    # what a multi-process run checks instead of the gathered state: one flag per seed and leaf
+    assert runs.first_divergence(metrics, runs.to_host(runs._finite_per_seed(carry))) == (
+        2, 1, "training state ['w'] is not finite")
+    metrics["loss"][1, 1] = np.nan
+    assert runs.first_divergence(metrics, carry) == (1, 1, "metric loss = nan")
+    assert runs.first_divergence(metrics, carry, allowed_nan=("loss",))[:2] == (2, 1)
+    assert runs.first_divergence({"loss": np.zeros((2, 3))}, {"w": np.ones((2, 2))}) is None
+
+
 # --- learning targets ----------------------------------------------------------------------------
 
 
