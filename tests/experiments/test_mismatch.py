@@ -94,18 +94,21 @@ def test_a_tiny_bf16_sampler_run_from_the_command_line(tmp_path):
     acts on it."""
     run_dir = str(tmp_path / "run")
     lm.main(["--task-knobs", json.dumps({"n_min": 2, "n_max": 3}), "--d-model", "16", "--num-layers", "1",
-             "--num-heads", "2", "--corpus-size", "64", "--sft-steps", "0", "--num-prompts", "4",
+             "--num-heads", "2", "--corpus-size", "256", "--sft-steps", "60",
+             "--sft-learning-rate", "1e-2", "--num-prompts", "4",
              "--group-size", "2", "--num-epochs", "1", "--num-minibatches", "1", "--num-seeds", "1",
              "--num-updates", "3", "--updates-per-chunk", "3", "--eval-prompts", "0", "--final-eval-prompts",
              "2", "--pass-k", "1", "--no-tensorboard", "--sampler-dtype", "bfloat16", "--loss.correction",
              "mis:low=0.999,high=1.001", "--reference.kind", "sync", "--old-policy.kind", "ema",
-             "--old-policy.alpha", "0.5", "--run-dir", run_dir])
+             "--old-policy.alpha", "0.5", "--learning-rate", "3e-3", "--run-dir", run_dir])
     _, metrics = runs.load_metrics(run_dir)
     assert os.path.exists(os.path.join(run_dir, "eval.json"))
     assert np.all(metrics["sampler_kl_k3"] > 0) and np.all(metrics["sampler_abs_log_ratio"] > 1e-4)
     loss_view, update_view = metrics["mismatch_kl"], metrics["sampler_kl_k1"]
     np.testing.assert_allclose(loss_view[:, 0], update_view[:, 0], rtol=1e-4, atol=1e-7)
-    assert np.all(np.abs(loss_view[:, 1:] - update_view[:, 1:]) > 1e-6)
+    ratio_spread = np.maximum(metrics["ratio_max"] - 1, 1 - metrics["ratio_min"])  # pi_theta / pi_old
+    assert ratio_spread[0, 0] < 1e-5 and np.all(ratio_spread[:, 1:] > 1e-3)  # pi_old lags from update 2
+    assert np.all(loss_view[:, 1:] != update_view[:, 1:])
     assert np.all(metrics["mismatch_outside_frac"] > 0)  # the correction saw rho != 1
     assert np.all(metrics["correction_weight_mean"] < 1)
     assert np.all(np.abs(metrics["kl_ref"]) < 1e-5)  # pi_ref = the policy at the start of each update
