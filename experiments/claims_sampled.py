@@ -24,12 +24,13 @@ this trajectory up to the batch noise, so the comparison is quantitative.
    prefix's logits are not trained: the model cannot learn the answer), so every update keeps its full
    signal and any change of length is the aggregation's doing. GRPO (per-response token mean), Dr. GRPO
    (constant normaliser), DAPO (token mean over the batch).
-2. Staleness (SAPO, arXiv 2511.20347; GSPO, arXiv 2507.18071; the hard clip): the two prompts of the
+2. Staleness (SAPO, 003 eq. 116-122; GSPO, arXiv 2507.18071; the hard clip): the two prompts of the
    exact gates study (a rare correct token; a common correct and a rare wrong one), several epochs and
    minibatches per batch so that ratios move far from 1 and the gates differ.
-3. Clip-higher in a low-entropy setting (DAPO, arXiv 2503.14476 section 3.1): two correct first tokens,
-   one dominant (0.87) and one rare (0.02), one wrong; DAPO's loss with eps_high 0.28 vs 0.2, several
-   epochs per batch; the entropy over updates.
+3. Clip-higher in a low-entropy setting (DAPO, arXiv 2503.14476 section 3.1): the correct first token
+   rare (0.029), a wrong one dominant (0.943), entropy 0.26 nats; DAPO's loss with eps_high 0.28 vs 0.2,
+   4 epochs x 4 minibatches per batch, so that the upper clip binds on the rare token; the entropy and
+   P(correct) over updates.
 """
 
 import os
