@@ -1,4 +1,4 @@
-"""Toy language models end to end: supervised warm start, then RL with any loss preset against the frozen reference.
+"""Toy language models end to end: supervised warm start, then RL with any loss preset against a reference.
 
     python -m experiments.lm                                    # grpo on reverse, 4 seeds
     python -m experiments.lm --algo dapo --dynamic-sampling --task scratchpad_sum --overlong soft
@@ -164,7 +164,8 @@ class LMConfig:
         validate.one_of("algo", self.algo, sorted(losses.PRESETS))
         if self.loss is None:
             object.__setattr__(self, "loss", losses.PRESETS[self.algo])
-        validate.check(isinstance(self.loss, losses.LossConfig), f"loss must be a LossConfig, got {self.loss!r}")
+        validate.check(isinstance(self.loss, losses.LossConfig),
+                       f"loss must be a LossConfig, got {self.loss!r}")
         for name in ("num_seeds", "num_updates", "num_epochs", "num_minibatches", "d_model", "num_layers",
                      "num_heads", "corpus_size", "sft_batch_size", "final_eval_prompts", "pass_k",
                      "updates_per_chunk"):
@@ -189,7 +190,8 @@ class LMConfig:
         for name in ("old_policy", "reference"):
             validate.check(isinstance(getattr(self, name), losses.ReferenceConfig),
                            f"{name} must be a ReferenceConfig, got {getattr(self, name)!r}")
-        validate.check(self.d_model % self.num_heads == 0, f"d_model {self.d_model} not divisible by num_heads")
+        validate.check(self.d_model % self.num_heads == 0,
+                       f"d_model {self.d_model} not divisible by num_heads")
         validate.integer("pass_k", self.pass_k, minimum=1)
         if self.overlong == "soft":
             length = self.make_task().max_response_len
@@ -246,7 +248,8 @@ def supervised_warm_start(config: LMConfig, key: jax.Array) -> Any:
         params, opt_state, _ = optim.gradient_step(nll, tx, *state, rows)
         return (params, opt_state), None
 
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(batch_key, config.sft_steps))
+    keys = jax.random.split(batch_key, config.sft_steps)
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), keys)
     return params
 
 
@@ -258,7 +261,8 @@ def load_or_train_warm_start(config: LMConfig, directory: str, log: Callable[[st
         log(f"warm start loaded from {path}")
         return runs.load_tree(path, template)
     log(f"warm start: {config.sft_steps} supervised steps on {config.corpus_size} corpus examples ...")
-    params = jax.jit(supervised_warm_start, static_argnums=0)(config, jax.random.PRNGKey(config.seed + 10_000))
+    key = jax.random.PRNGKey(config.seed + 10_000)
+    params = jax.jit(supervised_warm_start, static_argnums=0)(config, key)
     os.makedirs(directory, exist_ok=True)
     runs.save_tree(path, params)
     log(f"warm start saved to {path}")
@@ -347,9 +351,9 @@ def make_program(config: LMConfig, warm_params) -> runs.Program:
     def loss_fn(params, mb):
         forced = teacher_forced(params, mb["prompts"], mb["tokens"])
         extra = dict(values=forced.values, values_old=mb["values"], returns=mb["returns"]) if critic else {}
-        return losses.policy_loss(loss_config, forced.log_probs, mb["log_probs"], mb["advantages"], mb["mask"],
-                                  mb["ref_log_probs"], forced.entropies, logp_sampler=mb["sampler_log_probs"],
-                                  **extra)
+        return losses.policy_loss(loss_config, forced.log_probs, mb["log_probs"], mb["advantages"],
+                                  mb["mask"], mb["ref_log_probs"], forced.entropies,
+                                  logp_sampler=mb["sampler_log_probs"], **extra)
 
     def init(key):
         return LMCarry(warm_params, tx.init(warm_params), key, warm_params, warm_params, jnp.int32(0))
