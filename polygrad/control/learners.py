@@ -96,24 +96,25 @@ def complete_episode_mask(terminated: jax.Array, truncated: jax.Array) -> jax.Ar
     return jnp.flip(jax.lax.cummax(jnp.flip(done, 0), axis=0), 0)
 
 
-def estimate_advantages(config: AdvantageConfig, traj: Trajectory) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(advantages, value targets, mask)`, each `[T, B]` in the dtype of the rewards.
+def estimate_advantages(config: AdvantageConfig, traj: Trajectory
+                        ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`(advantages, value targets, mask)`, each `[T, B]` in the dtype of the rewards (mask None: every
+    step counts, which lets the loss skip its masking altogether).
 
     gae: GAE(gamma, lambda), targets A + V (003 eq. 80-81). n_step: n-step returns minus V (004).
     reward_to_go / monte_carlo: the discounted return within each episode, bootstrapped at a time-limit
     truncation from the critic's value of the final observation (reward_to_go) or from 0 (monte_carlo),
     minus V (reward_to_go) or not; only steps of episodes that end inside the batch count (the tail of a
-    running episode has no complete return yet; `complete_episode_mask`). The mask is 1 elsewhere.
+    running episode has no complete return yet; `complete_episode_mask`). The mask is None elsewhere.
     """
-    ones = jnp.ones_like(traj.rewards)
     if config.estimator == "gae":
         advantages = returns.gae(traj.rewards, traj.values, traj.next_values, traj.terminated, traj.truncated,
                                  config.gamma, config.gae_lambda)
-        return advantages, advantages + traj.values, ones
+        return advantages, advantages + traj.values, None
     if config.estimator == "n_step":
         targets = returns.n_step_returns(traj.rewards, traj.next_values, traj.terminated, traj.truncated,
                                          config.gamma, config.n_step)
-        return targets - traj.values, targets, ones
+        return targets - traj.values, targets, None
     baseline = config.estimator == "reward_to_go"
     bootstrap = jnp.where(traj.truncated, traj.next_values, 0.0) if baseline else None
     reward_to_go = returns.discounted_returns(traj.rewards, traj.terminated, traj.truncated, config.gamma,
@@ -184,7 +185,7 @@ def make_learner(
             lambda p, mb: loss_fn(p, mb, coef), tx, state.params, state.opt_state, batch, key,
             learner_config.num_epochs, learner_config.num_minibatches,
         )
-        metrics["mask_fraction"] = jnp.mean(batch["mask"])
+        metrics["mask_fraction"] = jnp.ones(()) if batch["mask"] is None else jnp.mean(batch["mask"])
         aux = state.aux
         if kl_part is not None and kl_part.target is not None:
             _, after = loss_fn(params, batch, coef)

@@ -23,6 +23,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+SCAN_UNROLL = 16  # backward recursions unrolled 16 steps at a time: fewer loop iterations, same numbers
+
 
 def _check_time_major(rewards: jax.Array, *others: jax.Array | None) -> None:
     chex.assert_rank(rewards, {1, 2, 3})
@@ -106,7 +108,7 @@ def lambda_returns(
     # The carried G_{T} never matters: at the last step the trace is forced to 0 below.
     not_done = not_done.at[-1].set(0.0)
     xs = (rewards, next_values, not_terminated, not_done, _discounts(gamma, rewards))
-    _, g = jax.lax.scan(step, last, xs, reverse=True)
+    _, g = jax.lax.scan(step, last, xs, reverse=True, unroll=min(SCAN_UNROLL, rewards.shape[0]))
     return g
 
 
@@ -224,5 +226,6 @@ def gae(
         return a, a
 
     xs = (deltas, not_done, _discounts(gamma, rewards))
-    _, advantages = jax.lax.scan(step, jnp.zeros_like(rewards[0]), xs, reverse=True)
+    _, advantages = jax.lax.scan(step, jnp.zeros_like(rewards[0]), xs, reverse=True,
+                                 unroll=min(SCAN_UNROLL, rewards.shape[0]))
     return advantages

@@ -102,7 +102,8 @@ def test_advantage_estimators_against_a_plain_loop(estimator):
             expected_mask[:, b] = 0.0
             if len(last_end):
                 expected_mask[: last_end[-1] + 1, b] = 1.0
-    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_array_equal(np.ones((T, B)) if mask is None else mask, expected_mask)
+    assert (mask is None) == (estimator in ("gae", "n_step"))  # every step counts: no mask at all
     for b in range(B):
         g, a = 0.0, 0.0
         for t in reversed(range(T)):
