@@ -59,7 +59,7 @@ def benchmark_case(name: str, repeats: int, **overrides) -> dict:
         "run_s": run_wall,
         "run_cpu_s": statistics.median(cpus),
         "steps_per_s": steps / run_wall,
-        "final_return": float(np.nanmean(returns[:, -10:])),
+        "lowest_final_return": float(np.min(np.nanmean(returns[:, -10:], axis=1))),
     }
 
 
@@ -109,12 +109,13 @@ def main() -> None:
     args = parser.parse_args()
     platform = jax.devices()[0].platform
     print(f"jax {jax.__version__} on {platform}, {os.cpu_count()} CPUs, load average {_load()}")
-    print(f"{'case':8s} {'compile s':>10s} {'(cpu s)':>8s} {'run s':>7s} {'(cpu s)':>8s} {'steps/s':>9s} "
-          f"{'final return':>12s}")
+    # The columns of `experiments.benchmark_purejaxrl`'s side-by-side table, plus CPU times.
+    print("| case | system | env steps/s | compile s | lowest final return | run s (cpu s) | compile cpu s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.cases:
         r = benchmark_case(name, args.repeats, rollout_unroll=args.rollout_unroll)
-        print(f"{r['case']:8s} {r['compile_s']:10.2f} {r['compile_cpu_s']:8.2f} {r['run_s']:7.2f} "
-              f"{r['run_cpu_s']:8.2f} {r['steps_per_s']:9,.0f} {r['final_return']:12.1f}")
+        print(f"| {r['case']} | polygrad | {r['steps_per_s']:,.0f} | {r['compile_s']:.1f} | "
+              f"{r['lowest_final_return']:.0f} | {r['run_s']:.2f} ({r['run_cpu_s']:.2f}) | {r['compile_cpu_s']:.1f} |")
     if args.profile:
         print("profile of one update (1 seed):")
         profile_update(args.repeats)

@@ -57,6 +57,35 @@ print(json.dumps({"compile_s": compile_s, "run_s": run_s,
 """
 
 
+# polygrad only: the seeds sharded over two CPU devices (`--mesh.seeds 2`), one per core; PureJaxRL has
+# no multi-device path on CPU (its scripts jit one device).
+SHARDED_TIMING = r"""
+import json, os, sys, time
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+from experiments import control, runs
+import jax, numpy as np
+num_seeds = int(sys.argv[1])
+config = control.default_config("ppo", "CartPole-v1", num_seeds=num_seeds, **{"mesh.seeds": 2})
+program = control.make_program(config)
+mesh = runs.build_mesh(config.mesh, num_seeds, config.num_envs)
+keys = runs.seed_keys(0, num_seeds)
+with runs.mesh_context(mesh):
+    carry = runs.init_carry(program, keys, mesh)
+    start = time.perf_counter()
+    chunk = runs.make_chunk(program, program.num_updates, mesh)
+    jax.block_until_ready(chunk(carry, program.num_updates))  # compile and warm up (donates the carry)
+    compile_and_run_s = time.perf_counter() - start
+    carry = runs.init_carry(program, keys, mesh)
+    start = time.perf_counter()
+    _, metrics = jax.block_until_ready(chunk(carry, program.num_updates))
+    run_s = time.perf_counter() - start
+returns = np.asarray(metrics["episode_return"])[:, -10:].mean(axis=1)
+print(json.dumps({"compile_s": compile_and_run_s - run_s, "run_s": run_s,
+                  "steps_per_s": num_seeds * config.num_updates * config.batch_size / run_s,
+                  "final_returns": [round(float(r), 1) for r in returns]}))
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--purejaxrl", required=True, help="PureJaxRL checkout (commit 31756b1)")
@@ -70,27 +99,28 @@ def main() -> None:
         "PureJaxRL": (os.path.join(os.path.abspath(args.purejaxrl), "purejaxrl"), PUREJAXRL_TIMING,
                       os.path.abspath(args.python)),
     }
+    sharded = {"polygrad, 2 devices": (REPO, SHARDED_TIMING, benchmark_versions.sys.executable)}
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}  load average {os.getloadavg()[0]:.2f}")
     results = {case: {s: [] for s in systems} for case in args.cases}
+    if "8seeds" in args.cases:
+        results["8seeds"].update({s: [] for s in sharded})
     for round_ in range(args.rounds):
         for case in args.cases:
-            for name, (checkout, code, python) in systems.items():
+            for name, (checkout, code, python) in (systems | (sharded if case == "8seeds" else {})).items():
                 r = benchmark_versions.measure(checkout, CASES[case], code, python)
                 results[case][name].append(r)
                 print(f"round {round_ + 1} {case:7s} {name:10s} compile {r['compile_s']:5.1f} s  "
                       f"run {r['run_s']:6.2f} s  {r['steps_per_s']:9,.0f} steps/s  returns {r['final_returns']}",
                       flush=True)
     print(f"\nmedians over {args.rounds} rounds (load average now {os.getloadavg()[0]:.2f}):")
-    print("| case | polygrad | PureJaxRL | ratio |\n| --- | --- | --- | --- |")
+    print("| case | system | env steps/s | compile s | lowest final return | against PureJaxRL |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for case, per_system in results.items():
-        cells, speeds = [], []
-        for rs in per_system.values():
+        peer = statistics.median(r["steps_per_s"] for r in per_system["PureJaxRL"])
+        for name, rs in per_system.items():
             speed = statistics.median(r["steps_per_s"] for r in rs)
-            speeds.append(speed)
-            lowest = min(min(r["final_returns"]) for r in rs)
-            cells.append(f"{speed:,.0f} env steps/s, compile {statistics.median(r['compile_s'] for r in rs):.1f} s, "
-                         f"lowest final return {lowest:.0f}")
-        print(f"| {case} | {cells[0]} | {cells[1]} | {speeds[0] / speeds[1]:.2f}x |")
+            print(f"| {case} | {name} | {speed:,.0f} | {statistics.median(r['compile_s'] for r in rs):.1f} | "
+                  f"{min(min(r['final_returns']) for r in rs):.0f} | {speed / peer:.2f}x |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
