@@ -115,7 +115,8 @@ def main() -> None:
     for name in args.cases:
         r = benchmark_case(name, args.repeats, rollout_unroll=args.rollout_unroll)
         print(f"| {r['case']} | polygrad | {r['steps_per_s']:,.0f} | {r['compile_s']:.1f} | "
-              f"{r['lowest_final_return']:.0f} | {r['run_s']:.2f} ({r['run_cpu_s']:.2f}) | {r['compile_cpu_s']:.1f} |")
+              f"{r['lowest_final_return']:.0f} | {r['run_s']:.2f} ({r['run_cpu_s']:.2f}) | "
+              f"{r['compile_cpu_s']:.1f} |")
     if args.profile:
         print("profile of one update (1 seed):")
         profile_update(args.repeats)

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 from experiments import benchmark_versions
 
@@ -95,23 +96,14 @@ def main() -> None:
     parser.add_argument("--out", default="runs/benchmark_purejaxrl.json")
     args = parser.parse_args()
     systems = {
-        "polygrad": (REPO, benchmark_versions.TIMING, benchmark_versions.sys.executable),
+        "polygrad": (REPO, benchmark_versions.TIMING, sys.executable),
         "PureJaxRL": (os.path.join(os.path.abspath(args.purejaxrl), "purejaxrl"), PUREJAXRL_TIMING,
                       os.path.abspath(args.python)),
     }
-    sharded = {"polygrad, 2 devices": (REPO, SHARDED_TIMING, benchmark_versions.sys.executable)}
+    sharded = {"polygrad, 2 devices": (REPO, SHARDED_TIMING, sys.executable)}
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}  load average {os.getloadavg()[0]:.2f}")
-    results = {case: {s: [] for s in systems} for case in args.cases}
-    if "8seeds" in args.cases:
-        results["8seeds"].update({s: [] for s in sharded})
-    for round_ in range(args.rounds):
-        for case in args.cases:
-            for name, (checkout, code, python) in (systems | (sharded if case == "8seeds" else {})).items():
-                r = benchmark_versions.measure(checkout, CASES[case], code, python)
-                results[case][name].append(r)
-                print(f"round {round_ + 1} {case:7s} {name:10s} compile {r['compile_s']:5.1f} s  "
-                      f"run {r['run_s']:6.2f} s  {r['steps_per_s']:9,.0f} steps/s  returns {r['final_returns']}",
-                      flush=True)
+    results = benchmark_versions.interleaved_rounds(
+        lambda case: systems | (sharded if case == "8seeds" else {}), args.cases, args.rounds)
     print(f"\nmedians over {args.rounds} rounds (load average now {os.getloadavg()[0]:.2f}):")
     print("| case | system | env steps/s | compile s | lowest final return | against PureJaxRL |")
     print("| --- | --- | --- | --- | --- | --- |")

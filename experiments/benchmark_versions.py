@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_LAYOUT = "23303b4"
@@ -53,6 +54,23 @@ def measure(checkout: str, num_seeds: int, code: str = TIMING, python: str = sys
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def interleaved_rounds(systems: Callable[[str], dict[str, tuple[str, str, str]]], cases: list[str],
+                       rounds: int) -> dict[str, dict[str, list[dict]]]:
+    """`rounds` rounds; in each, every case once for every system of `systems(case)` (name -> checkout,
+    timing code, python), alternating systems, each in a fresh process. Prints a line per measurement and
+    returns `{case: {system: [result of each round]}}`."""
+    results: dict[str, dict[str, list[dict]]] = {case: {} for case in cases}
+    for round_ in range(rounds):
+        for case in cases:
+            for name, (checkout, code, python) in systems(case).items():
+                r = measure(checkout, CASES[case], code, python)
+                results[case].setdefault(name, []).append(r)
+                print(f"round {round_ + 1} {case:7s} {name:22s} compile {r['compile_s']:5.1f} s  "
+                      f"run {r['run_s']:6.2f} s  {r['steps_per_s']:9,.0f} steps/s  "
+                      f"returns {r['final_returns']}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", default=FIRST_LAYOUT, help="the earlier commit")
@@ -65,16 +83,9 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", old, args.old], cwd=REPO, check=True,
                        capture_output=True)
         try:
-            versions = {f"old ({args.old})": old, "new (this checkout)": REPO}
-            results = {case: {v: [] for v in versions} for case in args.cases}
-            for round_ in range(args.rounds):
-                for case in args.cases:
-                    for name, checkout in versions.items():
-                        r = measure(checkout, CASES[case])
-                        results[case][name].append(r)
-                        print(f"round {round_ + 1} {case:7s} {name:22s} compile {r['compile_s']:5.1f} s  "
-                              f"run {r['run_s']:6.2f} s  {r['steps_per_s']:9,.0f} steps/s  "
-                              f"returns {r['final_returns']}", flush=True)
+            versions = {f"old ({args.old})": (old, TIMING, sys.executable),
+                        "new (this checkout)": (REPO, TIMING, sys.executable)}
+            results = interleaved_rounds(lambda case: versions, args.cases, args.rounds)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", old], cwd=REPO, capture_output=True)
     print(f"\nmedians over {args.rounds} rounds (load average now {os.getloadavg()[0]:.2f}):")

@@ -116,13 +116,15 @@ def minibatch_epochs(
 
         def step(carry, minibatch):
             params, opt_state, metrics = gradient_step(loss_fn, tx, *carry, minibatch)
-            names.extend([] if names else sorted(metrics))
-            return (params, opt_state), jnp.stack([metrics[k].astype(dtype) for k in names])  # one write
+            if not names:
+                names.extend(sorted(metrics))
+            # All metrics in one array: one write per step instead of one per metric.
+            dtype = jnp.result_type(jnp.float32, *metrics.values())
+            return (params, opt_state), jnp.stack([jnp.asarray(metrics[k], dtype) for k in names])
 
         return jax.lax.scan(step, carry, minibatches)
 
-    names: list[str] = []
-    dtype = jnp.result_type(*jax.tree.leaves(params))
+    names: list[str] = []  # the metric names, filled when `step` is traced
     (params, opt_state), stacked = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, num_epochs))
     means = jnp.mean(stacked, axis=(0, 1))
     return params, opt_state, {k: means[i] for i, k in enumerate(names)}
