@@ -53,7 +53,8 @@ def flattened(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     Adam and global-norm clipping act elementwise or on the global norm, so the updates are those of `tx`
     (up to float reassociation in the norm); the state holds one vector per moment instead of one per
     parameter array. A speed knob for small networks, where every array costs a few kernel launches per
-    step (the control experiments use it; the PPO step on CartPole runs ~10% fewer ops).
+    step (the control experiments use it: the compiled PPO minibatch step on CartPole has 165 instead of 195
+    operations).
     """
 
     def init(params):
