@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     platform = jax.devices()[0].platform
     print(f"jax {jax.__version__} on {platform}, {os.cpu_count()} CPUs, load average {_load()}")
-    # The columns of `experiments.benchmark_purejaxrl`'s side-by-side table, plus CPU times.
+    # The columns of `experiments.benchmark_peers`' side-by-side table, plus CPU times.
     print("| case | system | env steps/s | compile s | lowest final return | run s (cpu s) | compile cpu s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.cases:

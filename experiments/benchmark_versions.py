@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from typing import NamedTuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_LAYOUT = "23303b4"
@@ -28,7 +29,8 @@ import json, sys, time
 from experiments import control, runs
 import jax, numpy as np
 num_seeds = int(sys.argv[1])
-config = control.default_config("ppo", "CartPole-v1", num_seeds=num_seeds)
+spec = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {"algo": "ppo", "overrides": {}}
+config = control.default_config(spec["algo"], "CartPole-v1", num_seeds=num_seeds, **spec["overrides"])
 keys = runs.seed_keys(0, num_seeds)
 start = time.perf_counter()
 compiled = jax.jit(runs.vmap_seeds(control.make_train(config))).lower(keys).compile()
@@ -44,28 +46,38 @@ print(json.dumps({"compile_s": compile_s, "run_s": run_s,
 """
 
 
-def measure(checkout: str, num_seeds: int, code: str = TIMING, python: str = sys.executable) -> dict:
-    """Run the timing `code` with `num_seeds` in a fresh process of `python` in `checkout`: its last line."""
-    env = {**os.environ, "PYTHONPATH": checkout}
-    proc = subprocess.run([python, "-c", code, str(num_seeds)], cwd=checkout, env=env,
-                          capture_output=True, text=True, timeout=1200)
+class System(NamedTuple):
+    """One system under measurement: its checkout (the working directory and PYTHONPATH), the timing code
+    (run as `python -c code num_seeds *args`; its last printed line is a JSON result), and its python."""
+
+    checkout: str
+    code: str = TIMING
+    python: str = sys.executable
+    args: tuple[str, ...] = ()
+
+
+def measure(system: System, num_seeds: int) -> dict:
+    """Run `system`'s timing code with `num_seeds` in a fresh process: the JSON of its last line."""
+    env = {**os.environ, "PYTHONPATH": system.checkout}
+    command = [system.python, "-c", system.code, str(num_seeds), *system.args]
+    proc = subprocess.run(command, cwd=system.checkout, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
-        raise RuntimeError(f"timing in {checkout} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"timing in {system.checkout} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def interleaved_rounds(systems: Callable[[str], dict[str, tuple[str, str, str]]], cases: list[str],
+def interleaved_rounds(systems: Callable[[str], dict[str, System]], cases: list[str],
                        rounds: int) -> dict[str, dict[str, list[dict]]]:
-    """`rounds` rounds; in each, every case once for every system of `systems(case)` (name -> checkout,
-    timing code, python), alternating systems, each in a fresh process. Prints a line per measurement and
-    returns `{case: {system: [result of each round]}}`."""
+    """`rounds` rounds; in each, every case once for every system of `systems(case)`, alternating systems,
+    each in a fresh process. A case's last word names its seeds (`CASES`). Prints a line per measurement
+    and returns `{case: {system: [result of each round]}}`."""
     results: dict[str, dict[str, list[dict]]] = {case: {} for case in cases}
     for round_ in range(rounds):
         for case in cases:
-            for name, (checkout, code, python) in systems(case).items():
-                r = measure(checkout, CASES[case], code, python)
+            for name, system in systems(case).items():
+                r = measure(system, CASES[case.split()[-1]])
                 results[case].setdefault(name, []).append(r)
-                print(f"round {round_ + 1} {case:7s} {name:22s} compile {r['compile_s']:5.1f} s  "
+                print(f"round {round_ + 1} {case:12s} {name:22s} compile {r['compile_s']:5.1f} s  "
                       f"run {r['run_s']:6.2f} s  {r['steps_per_s']:9,.0f} steps/s  "
                       f"returns {r['final_returns']}", flush=True)
     return results
@@ -83,8 +95,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", old, args.old], cwd=REPO, check=True,
                        capture_output=True)
         try:
-            versions = {f"old ({args.old})": (old, TIMING, sys.executable),
-                        "new (this checkout)": (REPO, TIMING, sys.executable)}
+            versions = {f"old ({args.old})": System(old), "new (this checkout)": System(REPO)}
             results = interleaved_rounds(lambda case: versions, args.cases, args.rounds)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", old], cwd=REPO, capture_output=True)
