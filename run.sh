@@ -2,8 +2,7 @@
 # polygrad's two entry points. Each creates ./.venv (Python 3.11+, pip) on first use.
 #   bash run.sh main [ARGS...]   train PPO on CartPole-v1 over several seeds (experiments/control.py)
 #   bash run.sh test [ARGS...]   the whole test suite, slow learning tests included, on 2 worker processes
-#                                (pytest-xdist, idle workers steal queued tests; POLYGRAD_TEST_WORKERS=N to change,
-#                                0 for one process; pytest ARGS)
+#                                (pytest-xdist; POLYGRAD_TEST_WORKERS=N to change, 0 for one process; pytest ARGS)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -20,6 +19,6 @@ what=${1:-}
 shift || true
 case "$what" in
     main) exec .venv/bin/python -m experiments.control "$@" ;;
-    test) exec .venv/bin/python -m pytest -n "${POLYGRAD_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
+    test) exec .venv/bin/python -m pytest -n "${POLYGRAD_TEST_WORKERS:-2}" "$@" ;;
     *) echo "usage: bash run.sh main|test [ARGS...]" >&2; exit 2 ;;
 esac
