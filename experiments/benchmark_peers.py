@@ -154,7 +154,8 @@ def peer_configs(algo: str, total_steps: int) -> dict:
             "NUM_MINIBATCHES": learner.num_minibatches, "GAMMA": advantage.gamma,
             "GAE_LAMBDA": advantage.gae_lambda, "CLIP_EPS": clip or 0.2, "ENT_COEF": loss.entropy_coef,
             "VF_COEF": loss.value_coef, "MAX_GRAD_NORM": config.max_grad_norm,
-            "ACTIVATION": config.activation, "ENV_NAME": config.env, "ANNEAL_LR": config.anneal_lr, "DEBUG": False}
+            "ACTIVATION": config.activation, "ENV_NAME": config.env, "ANNEAL_LR": config.anneal_lr,
+            "DEBUG": False}
         sb3 |= {"ent_coef": loss.entropy_coef, "vf_coef": 0.5 * loss.value_coef,
                 "max_grad_norm": config.max_grad_norm}
         if algo == "ppo":
