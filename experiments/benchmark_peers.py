@@ -45,8 +45,6 @@ REPO = benchmark_versions.REPO
 System = benchmark_versions.System
 ALGOS = ("ppo", "a2c", "trpo")
 
-POLYGRAD_TIMING = benchmark_versions.TIMING
-
 PUREJAXRL_TIMING = r"""
 import json, sys, time, types
 for name in ("brax", "brax.envs", "brax.envs.wrappers", "brax.envs.wrappers.training", "navix"):
@@ -184,12 +182,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.purejaxrl and not args.python:
         parser.error("--purejaxrl needs --python (a venv with distrax)")
-    specs = {algo: json.dumps(peer_configs(algo, args.total_steps)) for algo in args.algos}
+    configs = {algo: peer_configs(algo, args.total_steps) for algo in args.algos}
 
     def systems(case: str) -> dict[str, System]:
         algo, seeds = case.split(" ", 1)
-        spec = specs[algo]
-        out = {"polygrad": System(REPO, POLYGRAD_TIMING, sys.executable, (spec,))}
+        spec = json.dumps(configs[algo])
+        out = {"polygrad": System(REPO, args=(spec,))}  # benchmark_versions.TIMING
         if args.purejaxrl and algo != "trpo":
             out["PureJaxRL"] = System(os.path.join(os.path.abspath(args.purejaxrl), "purejaxrl"),
                                       PUREJAXRL_TIMING, os.path.abspath(args.python), (spec,))
@@ -216,7 +214,6 @@ def main() -> None:
                   f"{min(min(r['final_returns']) for r in rs):.0f} | {' | '.join(ratios)} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        configs = {algo: json.loads(spec) for algo, spec in specs.items()}
         json.dump({"configs": configs, "results": results}, f, indent=2)
 
 
